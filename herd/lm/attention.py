@@ -1,0 +1,302 @@
+"""Causal, document-masked attention with grouped K/V and several backends.
+
+``attention(q, k, v, segment_ids=..., impl=...)`` takes
+
+* ``q`` ``[B, T, H, D]`` and ``k``/``v`` ``[B, S, KV, D]`` with ``H % KV == 0`` (MHA when
+  ``KV == H``, GQA otherwise, MQA when ``KV == 1``);
+* ``segment_ids`` ``[B, T]`` int32: 1, 2, ... for the packed documents of a row and 0 for
+  padding. A query attends only to keys of the same nonzero document (and, when
+  ``causal``, only to earlier or equal positions), as in Llama 3's document masking.
+  Padding query rows (id 0) return zeros, identically for every backend.
+
+RoPE is applied by the caller. Softmax statistics are float32 in every backend; the
+result has ``q.dtype``.
+
+Backends (``impl``):
+
+``'xla'`` (default)
+    ``jax.nn.dot_product_attention(implementation='xla')``. It accepts K/V with fewer heads
+    (it reshapes q to ``[B, T, KV, H/KV, D]`` and vmaps over the group, so K/V are never
+    repeated) and takes the document mask as a boolean ``mask`` ``[B, 1, T, S]`` (it has no
+    segment-id argument). It materialises ``T x S`` scores per head, so
+    :func:`check_attention_config` refuses it above ``MAX_XLA_SEQ_LEN`` tokens unless
+    ``q_chunk`` is given.
+``'xla_chunked'``, or ``'xla'`` with ``q_chunk``
+    Query-chunked attention in plain JAX: a ``lax.map`` over query chunks of ``q_chunk``
+    tokens, each chunk scoring against all keys (grouped einsum, no K/V copies), with the
+    chunk body rematerialised in the backward pass, so live score memory is
+    ``B x H x q_chunk x S`` instead of ``B x H x T x S``. Exact (not an approximation).
+``'splash'`` (TPU)
+    JAX's Pallas splash-attention kernel (``jax.experimental.pallas.ops.tpu.
+    splash_attention``) with a static ``CausalMask`` and dynamic ``SegmentIds``, grouped
+    K/V through its MHA form with ``KV < H`` heads (no copies). Off TPU it runs in Pallas
+    interpret mode (slow; used by the tests). Needs the sequence length to be a multiple
+    of 128 (its minimum block).
+``'cudnn'`` (GPU)
+    ``jax.nn.dot_product_attention(implementation='cudnn')`` (cuDNN flash attention,
+    bf16/fp16 only, head_dim <= 128 and a multiple of 8). Limits of the document mask:
+    the public JAX API has no segment-id argument and its ``query_seq_lengths`` /
+    ``key_value_seq_lengths`` describe only one right-padded sequence per row, so packed
+    documents cannot be expressed with them. With ``segment_ids`` this backend therefore
+    passes the document mask as a dense boolean ``mask``, which JAX's cuDNN wrapper turns
+    into an additive ``[B, 1, T, S]`` bias read by the kernel: still flash attention (no
+    ``T x S`` probabilities kept for the backward pass), but an O(B T S) bias in memory
+    and no skipping of fully masked tiles beyond the causal ones. Without
+    ``segment_ids`` it uses cuDNN's causal mask only. (cuDNN's packed "segment offsets"
+    form exists only in JAX's private ``jax._src.cudnn`` module and is not used.)
+``'pallas_gpu'`` (GPU)
+    JAX's Pallas/Triton flash attention (``jax.experimental.pallas.ops.gpu.attention.mha``)
+    with ``segment_ids``. That kernel needs as many K/V heads as query heads, so for GQA
+    K/V are repeated ``H/KV`` times (a documented copy this kernel forces). Off GPU it
+    runs in Pallas interpret mode (the tests do so on CPU). Sequence length must be a
+    multiple of 64 (or at most 32) and head_dim a power of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VALID_IMPLS = ("xla", "xla_chunked", "splash", "cudnn", "pallas_gpu")
+# Above this many tokens the unchunked 'xla' path (T x T scores per head) is refused.
+MAX_XLA_SEQ_LEN = 8192
+DEFAULT_Q_CHUNK = 512
+SPLASH_MIN_BLOCK = 128
+_SPLASH_BLOCK = 512
+_PALLAS_GPU_BLOCK = 64
+
+
+def check_attention_config(
+    impl: str,
+    seq_len: int,
+    *,
+    q_chunk: int | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    head_dim: int | None = None,
+) -> None:
+    """Raise ValueError (naming the value) for an attention set-up that cannot work.
+
+    Call it before compiling (the model config's ``validate()`` can); :func:`attention`
+    calls it too, at trace time, with the traced shapes.
+    """
+    if impl not in VALID_IMPLS:
+        raise ValueError(
+            f"unknown attention impl {impl!r}; valid ones are {', '.join(VALID_IMPLS)}"
+        )
+    if not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
+        raise ValueError(f"attention seq_len must be a positive int, got {seq_len!r}")
+    if q_chunk is not None:
+        if not isinstance(q_chunk, (int, np.integer)) or q_chunk <= 0:
+            raise ValueError(f"attention q_chunk must be a positive int, got {q_chunk!r}")
+        if impl not in ("xla", "xla_chunked"):
+            raise ValueError(
+                f"q_chunk={q_chunk} only applies to impl 'xla'/'xla_chunked', not {impl!r}"
+            )
+    if impl == "xla" and q_chunk is None and seq_len > MAX_XLA_SEQ_LEN:
+        raise ValueError(
+            f"attention impl 'xla' materialises seq_len x seq_len scores; seq_len={seq_len} "
+            f"is above MAX_XLA_SEQ_LEN={MAX_XLA_SEQ_LEN}: use impl='xla_chunked' (or pass "
+            f"q_chunk), or a fused kernel ('splash' on TPU, 'cudnn'/'pallas_gpu' on GPU)"
+        )
+    if impl == "splash" and seq_len % SPLASH_MIN_BLOCK:
+        raise ValueError(
+            f"attention impl 'splash' needs seq_len to be a multiple of {SPLASH_MIN_BLOCK}, "
+            f"got seq_len={seq_len}"
+        )
+    if impl == "pallas_gpu":
+        if seq_len > 32 and seq_len % _PALLAS_GPU_BLOCK:
+            raise ValueError(
+                f"attention impl 'pallas_gpu' needs seq_len <= 32 or a multiple of "
+                f"{_PALLAS_GPU_BLOCK}, got seq_len={seq_len}"
+            )
+        if head_dim is not None and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"attention impl 'pallas_gpu' needs a power-of-two head_dim, got {head_dim}"
+            )
+    if n_heads is not None and n_kv_heads is not None:
+        if n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(
+                f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}"
+            )
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    impl: str = "xla",
+    causal: bool = True,
+    q_chunk: int | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention; see the module docstring for shapes and backends.
+
+    Returns ``[B, T, H, D]`` in ``q.dtype``; rows whose segment id is 0 are zeros.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects q [B,T,H,D] and k/v [B,S,KV,D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    if impl == "xla_chunked" and q_chunk is None:
+        q_chunk = DEFAULT_Q_CHUNK
+    check_attention_config(impl, t, q_chunk=q_chunk, n_heads=h, n_kv_heads=kv, head_dim=d)
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids shape {segment_ids.shape} != (B, T) = {(b, t)}")
+        if s != t:
+            raise ValueError(f"segment_ids needs self-attention (S == T), got T={t}, S={s}")
+        segment_ids = segment_ids.astype(jnp.int32)
+
+    if impl in ("xla", "xla_chunked") and q_chunk is not None:
+        out = _chunked(q, k, v, segment_ids, causal, min(int(q_chunk), t))
+    elif impl == "xla":
+        out = _xla(q, k, v, segment_ids, causal)
+    elif impl == "splash":
+        out = _splash(q, k, v, segment_ids, causal)
+    elif impl == "cudnn":
+        out = _cudnn(q, k, v, segment_ids, causal)
+    else:  # pallas_gpu
+        out = _pallas_gpu(q, k, v, segment_ids, causal)
+    out = out.astype(q.dtype)
+    if segment_ids is not None:
+        out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
+    return out
+
+
+def _document_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] bool: same document. Padding (0) attends to padding, so that no row is
+    empty (those rows are zeroed at the end)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _xla(q, k, v, segment_ids, causal):
+    mask = None if segment_ids is None else _document_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+
+
+def _chunked(q, k, v, segment_ids, causal, chunk):
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    scale = 1.0 / math.sqrt(d)
+    qg = q.reshape(b, t, kv, g, d)
+    if pad:
+        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    # [n, B, C, KV, G, D]
+    qc = qg.reshape(b, n, chunk, kv, g, d).transpose(1, 0, 2, 3, 4, 5)
+    if segment_ids is not None:
+        seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad))) if pad else segment_ids
+        seg_qc = seg_q.reshape(b, n, chunk).transpose(1, 0, 2)
+    else:
+        seg_qc = jnp.zeros((n, b, chunk), jnp.int32)
+    starts = jnp.arange(n, dtype=jnp.int32) * chunk
+    kpos = jnp.arange(s, dtype=jnp.int32)
+    stat_dtype = jnp.promote_types(q.dtype, jnp.float32)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        qi, seg_i, start = args
+        logits = jnp.einsum(
+            "bckgd,bskd->bkgcs", qi, k, preferred_element_type=stat_dtype
+        ) * jnp.asarray(scale, stat_dtype)
+        allowed = jnp.ones((b, chunk, s), bool)
+        if causal:
+            qpos = start + jnp.arange(chunk, dtype=jnp.int32)
+            allowed = allowed & (qpos[:, None] >= kpos[None, :])[None]
+        if segment_ids is not None:
+            allowed = allowed & (seg_i[:, :, None] == segment_ids[:, None, :])
+        # Rows with nothing allowed (only the chunk's padding tail) get a uniform softmax.
+        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(stat_dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
+
+    out = jax.lax.map(one_chunk, (qc, seg_qc, starts))  # [n, B, C, KV, G, D]
+    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, n * chunk, h, d)
+    return out[:, :t]
+
+
+def _splash_kernel(n_heads: int, t: int, s: int, causal: bool, interpret: bool):
+    # Built per trace (not cached: its mask-info arrays would leak tracers across traces).
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    shape = (t, s)
+    head_mask = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+    mask = sa.MultiHeadMask([head_mask] * n_heads)
+    bq, bkv = min(_SPLASH_BLOCK, t), min(_SPLASH_BLOCK, s)
+    blocks = sa.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
+    return sa.make_splash_mha(
+        mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def _splash(q, k, v, segment_ids, causal):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    interpret = jax.default_backend() != "tpu"
+    kernel = _splash_kernel(h, t, s, bool(causal), interpret)
+    # The kernel does not scale: fold 1/sqrt(D) into q (as MaxText does).
+    qt = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).transpose(0, 2, 1, 3)  # [B,H,T,D]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,KV,S,D]
+    if segment_ids is None:
+        out = jax.vmap(kernel)(qt, kt, vt)
+    else:
+        seg = sa.SegmentIds(q=segment_ids, kv=segment_ids)
+        out = jax.vmap(lambda q_, k_, v_, sg: kernel(q_, k_, v_, segment_ids=sg))(qt, kt, vt, seg)
+    return out.transpose(0, 2, 1, 3)
+
+
+def _cudnn(q, k, v, segment_ids, causal):
+    mask = None if segment_ids is None else _document_mask(segment_ids)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+    )
+
+
+def _pallas_gpu(q, k, v, segment_ids, causal):
+    from jax.experimental.pallas.ops.gpu import attention as pa
+
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    if g > 1:  # the kernel indexes K/V with the query head: repeat (documented copy)
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    blk = min(_PALLAS_GPU_BLOCK, t)
+    blocks = pa.BlockSizes(
+        block_q=blk,
+        block_k=blk,
+        block_q_dkv=min(32, t),
+        block_kv_dkv=min(32, t),
+        block_q_dq=min(32, t),
+        block_kv_dq=min(32, t),
+    )
+    return pa.mha(
+        q,
+        k,
+        v,
+        segment_ids,
+        sm_scale=1.0 / math.sqrt(d),
+        causal=causal,
+        block_sizes=blocks,
+        interpret=jax.default_backend() != "gpu",
+    )
