@@ -1,0 +1,758 @@
+"""Sharded, tiled k-means in JAX: Lloyd iterations, exact greedy k-means++, k-means||.
+
+Rows are sharded over every axis of the mesh (default: a 1-D mesh named ``'data'`` over
+``jax.devices()``, which spans all processes). Each device scans its rows in tiles of
+``tile`` rows: distances ``||c||^2 - 2 x.c`` for one tile against all centroids, argmin,
+and a scatter-add of the tile into per-device centroid sums; the sums, counts and inertia
+are then ``psum``-ed across devices. No N x k matrix and no N-length gather ever exists
+during the iterations (only the final assignment, the function's output, is fetched).
+
+When the centroid table exceeds ``max_replicated_centroid_bytes``, centroids are sharded
+along k instead of replicated: each device holds k / n_dev centroids, blocks travel round a
+ring (``ppermute``), each device keeps a running per-row (min, argmin) over the blocks it
+sees, and the per-block sums travel with their block back to its owner.
+
+Data that is a ``numpy.memmap`` larger than ``chunk_rows`` rows is streamed: each Lloyd
+iteration is one pass over chunks, each chunk sharded over the mesh; k-means|| (a few
+streamed oversampling rounds, then weighted k-means++ on the candidates) initialises it.
+
+Accumulation is float32 by default; ``dtype=np.float64`` runs everything in float64 inside
+a scoped ``jax.enable_x64(True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "assign",
+    "default_mesh",
+    "kmeans",
+    "kmeans_plusplus",
+    "kmeanspp_draws",
+    "KMeansResult",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = 1024
+# Rows processed at once when streaming a memmap (and the in-memory limit for memmaps).
+DEFAULT_CHUNK_ROWS = 1 << 20
+# Above this many bytes the centroid table is sharded along k instead of replicated.
+MAX_REPLICATED_CENTROID_BYTES = 1 << 30
+_HIGHEST = lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def default_mesh(devices=None) -> Mesh:
+    """A 1-D mesh ``('data',)`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _axes(mesh: Mesh):
+    return tuple(mesh.axis_names)
+
+
+def _n_dev(mesh: Mesh) -> int:
+    return int(mesh.devices.size)
+
+
+def _x64(dtype):
+    return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
+
+
+def _bucket(n: int) -> int:
+    """Rounds n up to 2^e * {1, 1.25, 1.5, 1.75}: bounded padding, few distinct shapes."""
+    if n <= 4:
+        return max(n, 1)
+    e = 2 ** (int(math.log2(n)) - 2)
+    return -(-n // e) * e
+
+
+def _row_layout(n: int, n_dev: int, tile: int) -> tuple[int, int]:
+    """(tile, padded rows): rows per device is a multiple of tile."""
+    per_dev = -(-n // n_dev)
+    tile = max(8, min(tile, -(-per_dev // 8) * 8))
+    n_tiles = _bucket(-(-per_dev // tile))
+    return tile, n_tiles * tile * n_dev
+
+
+def _validate(x, k: int | None):
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [n, d], got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"x must have a floating dtype, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x is empty: shape {tuple(x.shape)}")
+    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return x
+
+
+def _to_host(arr) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(arr)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+
+
+class _Data:
+    """Rows of x (in memory or a memmap) as fixed-shape chunks sharded over the mesh.
+
+    Non-finite rows get weight 0 (and zeros as values); padding rows get weight 0.
+    With a single chunk the device arrays are cached (in-memory mode).
+    """
+
+    def __init__(self, x, mesh, dtype, tile, chunk_rows):
+        self.x = x
+        self.mesh = mesh
+        self.dtype = np.dtype(dtype)
+        self.n, self.d = x.shape
+        n_dev = _n_dev(mesh)
+        if isinstance(x, np.memmap) and self.n > chunk_rows:
+            self.chunk = int(chunk_rows)
+        else:
+            self.chunk = self.n
+        self.starts = list(range(0, self.n, self.chunk))
+        self.tile, self.padded = _row_layout(self.chunk, n_dev, tile)
+        self.sharding = NamedSharding(mesh, P(_axes(mesh)))
+        # Validity of every row (one host pass; N bytes).
+        valid = np.empty(self.n, bool)
+        for s in self.starts:
+            valid[s : s + self.chunk] = np.isfinite(np.asarray(x[s : s + self.chunk])).all(1)
+        self.valid = valid
+        self.n_invalid = int(self.n - valid.sum())
+        self._cache = None
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.starts)
+
+    @property
+    def streamed(self) -> bool:
+        return self.n_chunks > 1
+
+    def rows(self, i):
+        """(start, stop) rows of chunk i in x."""
+        s = self.starts[i]
+        return s, min(s + self.chunk, self.n)
+
+    def get(self, i):
+        if self._cache is not None and self._cache[0] == i:
+            return self._cache[1]
+        s, e = self.rows(i)
+        m = e - s
+
+        def xcb(index):
+            sl = index[0]
+            a, b = sl.start or 0, sl.stop if sl.stop is not None else self.padded
+            out = np.zeros((b - a, self.d), self.dtype)
+            hi = min(b, m)
+            if hi > a:
+                blk = np.asarray(self.x[s + a : s + hi], dtype=self.dtype)
+                ok = self.valid[s + a : s + hi]
+                out[: hi - a] = np.where(ok[:, None], blk, 0)
+            return out
+
+        def wcb(index):
+            sl = index[0]
+            a, b = sl.start or 0, sl.stop if sl.stop is not None else self.padded
+            out = np.zeros(b - a, self.dtype)
+            hi = min(b, m)
+            if hi > a:
+                out[: hi - a] = self.valid[s + a : s + hi]
+            return out
+
+        xs = jax.make_array_from_callback((self.padded, self.d), self.sharding, xcb)
+        ws = jax.make_array_from_callback((self.padded,), self.sharding, wcb)
+        if not self.streamed:
+            self._cache = (i, (xs, ws))
+        return xs, ws
+
+
+# ------------------------------------------------------------- per-device kernels
+
+
+def _tile_min(xb, ct, cn):
+    """argmin / min over centroids of ||c||^2 - 2 x.c for one tile (x's norm excluded)."""
+    dots = jnp.dot(xb, ct, precision=_HIGHEST, preferred_element_type=xb.dtype)
+    dist = cn[None, :] - 2 * dots
+    a = jnp.argmin(dist, axis=1).astype(jnp.int32)
+    mn = jnp.min(dist, axis=1)
+    return a, mn
+
+
+def _local_stats(x, w, c, cpen, *, tile, axes, update):
+    """Per-device Lloyd statistics for replicated centroids c [k, d]."""
+    k, d = c.shape
+    n_loc = x.shape[0]
+    ct = c.T
+    cn = jnp.sum(c * c, axis=1) + cpen
+    xt = x.reshape(n_loc // tile, tile, d)
+    wt = w.reshape(n_loc // tile, tile)
+
+    if update == "scatter":
+
+        def body(carry, inp):
+            sums, counts, inertia = carry
+            xb, wb = inp
+            a, mn = _tile_min(xb, ct, cn)
+            md = jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
+            sums = sums.at[a].add(xb * wb[:, None])
+            counts = counts.at[a].add(wb)
+            return (sums, counts, inertia + jnp.sum(wb * md)), None
+
+    else:  # one-hot matmul
+
+        def body(carry, inp):
+            sums, counts, inertia = carry
+            xb, wb = inp
+            a, mn = _tile_min(xb, ct, cn)
+            md = jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
+            oh = (a[:, None] == jnp.arange(k, dtype=jnp.int32)[None, :]).astype(x.dtype)
+            oh = oh * wb[:, None]
+            sums = sums + jnp.dot(oh.T, xb, precision=_HIGHEST)
+            counts = counts + jnp.sum(oh, axis=0)
+            return (sums, counts, inertia + jnp.sum(wb * md)), None
+
+    init = (jnp.zeros((k, d), x.dtype), jnp.zeros((k,), x.dtype), jnp.zeros((), x.dtype))
+    (sums, counts, inertia), _ = lax.scan(body, init, (xt, wt))
+    return lax.psum(sums, axes), lax.psum(counts, axes), lax.psum(inertia, axes)
+
+
+def _ring_min(x, c_loc, cpen_loc, *, tile, axes, n_dev):
+    """Per-row (argmin, min of ||c||^2 - 2x.c) with centroids sharded along k (ring)."""
+    n_loc, d = x.shape
+    k_loc = c_loc.shape[0]
+    rank = lax.axis_index(axes)
+    perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+    xt = x.reshape(n_loc // tile, tile, d)
+    best_d = jnp.full((n_loc // tile, tile), jnp.inf, x.dtype)
+    best_a = jnp.zeros((n_loc // tile, tile), jnp.int32)
+    blk, pen = c_loc, cpen_loc
+    for s in range(n_dev):
+        owner = (rank - s) % n_dev  # block held at step s came from rank - s
+        ct = blk.T
+        cn = jnp.sum(blk * blk, axis=1) + pen
+
+        def f(xb, ct=ct, cn=cn):
+            return _tile_min(xb, ct, cn)
+
+        a, mn = lax.map(f, xt)
+        a = a + (owner * k_loc).astype(jnp.int32)
+        better = mn < best_d  # strict: ties keep the smaller block id only if seen first
+        tie = (mn == best_d) & (a < best_a)
+        upd = better | tie
+        best_d = jnp.where(upd, mn, best_d)
+        best_a = jnp.where(upd, a, best_a)
+        if s < n_dev - 1:
+            blk = lax.ppermute(blk, axes, perm)
+            pen = lax.ppermute(pen, axes, perm)
+    return best_a.reshape(n_loc), best_d.reshape(n_loc)
+
+
+def _local_stats_ring(x, w, c_loc, cpen_loc, *, tile, axes, n_dev):
+    n_loc, d = x.shape
+    k_loc = c_loc.shape[0]
+    a, mn = _ring_min(x, c_loc, cpen_loc, tile=tile, axes=axes, n_dev=n_dev)
+    md = jnp.maximum(mn + jnp.sum(x * x, axis=1), 0)
+    inertia = lax.psum(jnp.sum(w * md), axes)
+    rank = lax.axis_index(axes)
+    perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+    xw = x * w[:, None]
+    acc_s = jnp.zeros((k_loc, d), x.dtype)
+    acc_c = jnp.zeros((k_loc,), x.dtype)
+    # The accumulator for block b starts at its owner b and visits every device; after
+    # n_dev steps (n_dev - 1 hops plus one final hop) it is back at b.
+    for s in range(n_dev):
+        b = (rank - s) % n_dev
+        local = a - (b * k_loc).astype(jnp.int32)
+        local = jnp.where((local >= 0) & (local < k_loc), local, k_loc)  # k_loc: dropped
+        acc_s = acc_s.at[local].add(xw, mode="drop")
+        acc_c = acc_c.at[local].add(w, mode="drop")
+        acc_s = lax.ppermute(acc_s, axes, perm)
+        acc_c = lax.ppermute(acc_c, axes, perm)
+    return acc_s, acc_c, inertia
+
+
+def _local_assign(x, c, cpen, *, tile, axes):
+    n_loc, d = x.shape
+    ct = c.T
+    cn = jnp.sum(c * c, axis=1) + cpen
+    xt = x.reshape(n_loc // tile, tile, d)
+
+    def f(xb):
+        a, mn = _tile_min(xb, ct, cn)
+        return a, jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
+
+    a, md = lax.map(f, xt)
+    return a.reshape(n_loc), md.reshape(n_loc)
+
+
+def _local_assign_ring(x, c_loc, cpen_loc, *, tile, axes, n_dev):
+    a, mn = _ring_min(x, c_loc, cpen_loc, tile=tile, axes=axes, n_dev=n_dev)
+    return a, jnp.maximum(mn + jnp.sum(x * x, axis=1), 0)
+
+
+# ----------------------------------------------------------------- jitted wrappers
+
+
+def _smap(f, mesh, in_specs, out_specs):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "tile", "ring", "update"))
+def _stats(xs, ws, c, cpen, *, mesh, tile, ring, update):
+    axes = _axes(mesh)
+    if ring:
+        f = functools.partial(_local_stats_ring, tile=tile, axes=axes, n_dev=_n_dev(mesh))
+        cspec = P(axes)
+        out = (P(axes), P(axes), P())
+    else:
+        f = functools.partial(_local_stats, tile=tile, axes=axes, update=update)
+        cspec = P()
+        out = (P(), P(), P())
+    return _smap(f, mesh, (P(axes), P(axes), cspec, cspec), out)(xs, ws, c, cpen)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "tile", "ring"))
+def _assign_dev(xs, c, cpen, *, mesh, tile, ring):
+    axes = _axes(mesh)
+    if ring:
+        f = functools.partial(_local_assign_ring, tile=tile, axes=axes, n_dev=_n_dev(mesh))
+        cspec = P(axes)
+    else:
+        f = functools.partial(_local_assign, tile=tile, axes=axes)
+        cspec = P()
+    return _smap(f, mesh, (P(axes), cspec, cspec), (P(axes), P(axes)))(xs, c, cpen)
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _farthest_dev(md, ws, m):
+    """Top-m rows by distance (weight-0 rows excluded): (values, row indices)."""
+    score = jnp.where(ws > 0, md, -jnp.inf)
+    return lax.top_k(score, m)
+
+
+@jax.jit
+def _update(c, sums, counts):
+    safe = jnp.where(counts > 0, counts, 1)
+    return jnp.where((counts > 0)[:, None], sums / safe[:, None], c)
+
+
+# ------------------------------------------------------------------ the engine
+
+
+class _Engine:
+    """Holds data, mesh, layout; runs Lloyd statistics and assignments chunk by chunk."""
+
+    def __init__(self, data: _Data, k: int, mesh, max_replicated_centroid_bytes, update):
+        self.data = data
+        self.mesh = mesh
+        self.k = k
+        self.n_dev = _n_dev(mesh)
+        nbytes = k * data.d * data.dtype.itemsize
+        self.ring = self.n_dev > 1 and nbytes > max_replicated_centroid_bytes
+        mult = self.n_dev if self.ring else 1
+        self.k_pad = -(-k // mult) * mult
+        self.update = update
+        csh = NamedSharding(mesh, P(_axes(mesh)) if self.ring else P())
+        self.csharding = csh
+        pen = np.zeros(self.k_pad, data.dtype)
+        pen[k:] = np.inf
+        self.cpen = jax.device_put(pen, csh)
+
+    def put_centroids(self, c: np.ndarray):
+        cp = np.zeros((self.k_pad, self.data.d), self.data.dtype)
+        cp[: self.k] = c
+        return jax.device_put(cp, self.csharding)
+
+    def step(self, c_dev):
+        """One Lloyd step: returns (new centroids, counts [k], inertia before update)."""
+        sums = counts = inertia = None
+        for i in range(self.data.n_chunks):
+            xs, ws = self.data.get(i)
+            s, n, t = _stats(
+                xs, ws, c_dev, self.cpen, mesh=self.mesh, tile=self.data.tile,
+                ring=self.ring, update=self.update,
+            )  # fmt: skip
+            if sums is None:
+                sums, counts, inertia = s, n, t
+            else:
+                sums, counts, inertia = sums + s, counts + n, inertia + t
+        return _update(c_dev, sums, counts), counts, inertia
+
+    def assign(self, c_dev, want_rows=True):
+        """(assignment int32 [n] with -1 for invalid rows, sq distance [n]) on the host."""
+        d = self.data
+        a_out = np.empty(d.n, np.int32)
+        md_out = np.empty(d.n, d.dtype)
+        for i in range(d.n_chunks):
+            xs, ws = d.get(i)
+            a, md = _assign_dev(xs, c_dev, self.cpen, mesh=self.mesh, tile=d.tile, ring=self.ring)
+            s, e = d.rows(i)
+            a_out[s:e] = _to_host(a)[: e - s]
+            md_out[s:e] = _to_host(md)[: e - s]
+        a_out[~d.valid] = -1
+        md_out[~d.valid] = np.nan
+        return a_out, md_out
+
+    def farthest(self, c_dev, m):
+        """Global row indices and distances of the m valid rows farthest from their
+        centroid, farthest first (ties: lower row index first)."""
+        d = self.data
+        vals, idxs = [], []
+        for i in range(d.n_chunks):
+            xs, ws = d.get(i)
+            _, md = _assign_dev(xs, c_dev, self.cpen, mesh=self.mesh, tile=d.tile, ring=self.ring)
+            mm = min(m, d.padded)
+            v, j = _farthest_dev(md, ws, mm)
+            s, e = d.rows(i)
+            v, j = _to_host(v), _to_host(j).astype(np.int64)
+            keep = (j < e - s) & np.isfinite(v)
+            vals.append(v[keep])
+            idxs.append(j[keep] + s)
+        v = np.concatenate(vals)
+        j = np.concatenate(idxs)
+        order = np.lexsort((j, -v))[:m]
+        return j[order], v[order]
+
+    def reseed_empty(self, c_dev, counts):
+        """Moves each empty cluster's centroid onto one of the points farthest from their
+        centroid (distinct points, farthest first). Returns (centroids, n_reseeded)."""
+        counts = _to_host(counts)[: self.k]
+        empty = np.nonzero(counts == 0)[0]
+        if empty.size == 0:
+            return c_dev, 0
+        rows, _ = self.farthest(c_dev, int(empty.size))
+        c = _to_host(c_dev)[: self.k].copy()
+        rows_x = np.asarray(self.data.x[np.sort(rows)], dtype=self.data.dtype)
+        rows_x = rows_x[np.argsort(np.argsort(rows))]  # back to farthest-first order
+        n = min(len(rows), empty.size)
+        c[empty[:n]] = rows_x[:n]
+        return self.put_centroids(c), n
+
+
+# ------------------------------------------------------------------- k-means++
+
+
+def kmeanspp_draws(seed: int, k: int, n_local_trials: int, dtype=np.float32) -> np.ndarray:
+    """The uniform draws [k, n_local_trials] in [0, 1) used by :func:`kmeans_plusplus`:
+    row 0 column 0 picks the first centre; row i picks the candidates of centre i."""
+    with _x64(dtype):
+        u = jax.random.uniform(jax.random.key(seed), (k, n_local_trials), dtype=np.dtype(dtype))
+        return np.asarray(u)
+
+
+def _local_kpp(x, w, draws, *, axes, n_dev):
+    """Exact greedy k-means++ over rows sharded on `axes` (whole loop in one program)."""
+    n_loc, d = x.shape
+    k, trials = draws.shape
+    rank = lax.axis_index(axes)
+    xn = jnp.sum(x * x, axis=1)
+    last = n_dev - 1
+
+    def pick(weights, u):
+        """Global inverse-CDF sampling: rows with cumulative weight just above u * total."""
+        cs = jnp.cumsum(weights)
+        loc_tot = cs[-1]
+        tots = lax.all_gather(loc_tot, axes)  # [n_dev]
+        start = jnp.cumsum(tots)[rank] - loc_tot
+        total = jnp.sum(tots)
+        target = u * total - start
+        mine = (target >= 0) & ((target < loc_tot) | (rank == last))
+        li = jnp.clip(jnp.searchsorted(cs, target, side="right"), 0, n_loc - 1)
+        # Never land on a zero-weight row at the top end (u * total rounding up).
+        li = jnp.where(target >= loc_tot, jnp.argmax(cs), li)
+        vec = lax.psum(jnp.where(mine[:, None], x[li], 0), axes)
+        gidx = lax.psum(jnp.where(mine, rank * n_loc + li, 0), axes)
+        return vec, gidx
+
+    def dist_to(cands):  # [n_loc, T]
+        cn = jnp.sum(cands * cands, axis=1)
+        dots = jnp.dot(x, cands.T, precision=_HIGHEST)
+        return jnp.maximum(xn[:, None] + cn[None, :] - 2 * dots, 0)
+
+    c0, i0 = pick(w, draws[0, :1])
+    closest = dist_to(c0)[:, 0]
+    centers = jnp.zeros((k, d), x.dtype).at[0].set(c0[0])
+    index = jnp.zeros((k,), jnp.int32).at[0].set(i0[0].astype(jnp.int32))
+
+    def body(i, carry):
+        centers, index, closest = carry
+        cands, gidx = pick(w * closest, draws[i])
+        dc = dist_to(cands)
+        newd = jnp.minimum(closest[:, None], dc)
+        pot = lax.psum(jnp.sum(w[:, None] * newd, axis=0), axes)
+        best = jnp.argmin(pot)
+        closest = newd[:, best]
+        centers = centers.at[i].set(cands[best])
+        index = index.at[i].set(gidx[best].astype(jnp.int32))
+        return centers, index, closest
+
+    centers, index, closest = lax.fori_loop(1, k, body, (centers, index, closest))
+    pot = lax.psum(jnp.sum(w * closest), axes)
+    return centers, index, pot
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _kpp_dev(xs, ws, draws, *, mesh):
+    axes = _axes(mesh)
+    f = functools.partial(_local_kpp, axes=axes, n_dev=_n_dev(mesh))
+    return _smap(f, mesh, (P(axes), P(axes), P()), (P(), P(), P()))(xs, ws, draws)
+
+
+def _kpp_on(data: _Data, k, seed, n_local_trials, sample_weight=None):
+    if n_local_trials is None:
+        n_local_trials = 2 + int(math.log(k))
+    draws = kmeanspp_draws(seed, k, n_local_trials, data.dtype)
+    xs, ws = data.get(0)
+    if sample_weight is not None:
+        wpad = np.zeros(data.padded, data.dtype)
+        wpad[: data.n] = np.where(data.valid, sample_weight, 0)
+        ws = jax.device_put(wpad, data.sharding)
+    centers, index, pot = _kpp_dev(xs, ws, jnp.asarray(draws), mesh=data.mesh)
+    return _to_host(centers), _to_host(index), float(pot)
+
+
+def kmeans_plusplus(
+    x,
+    k: int,
+    seed: int = 0,
+    n_local_trials: int | None = None,
+    *,
+    sample_weight=None,
+    mesh: Mesh | None = None,
+    dtype=np.float32,
+    return_info: bool = False,
+):
+    """Exact greedy k-means++ (as scikit-learn): each centre samples ``n_local_trials``
+    (default ``2 + int(ln k)``) candidates with probability proportional to
+    weight * squared distance to the nearest chosen centre, and keeps the candidate that
+    lowers the potential most. The whole loop is one jitted program over rows sharded on
+    the mesh; per centre it costs one pass of O(n * d * n_local_trials).
+
+    Returns centroids [k, d] (numpy, ``dtype``); with ``return_info`` also
+    ``(row indices [k], potential)``.
+    """
+    x = _validate(x, k)
+    mesh = mesh or default_mesh()
+    with _x64(dtype):
+        data = _Data(x, mesh, dtype, DEFAULT_TILE, max(x.shape[0], 1))
+        _check_k(k, data)
+        centers, index, pot = _kpp_on(data, k, seed, n_local_trials, sample_weight)
+    if return_info:
+        return centers, index, pot
+    return centers
+
+
+def _check_k(k, data: _Data):
+    n_valid = data.n - data.n_invalid
+    if k > n_valid:
+        raise ValueError(
+            f"k={k} is larger than the number of points ({n_valid} finite rows"
+            + (f"; {data.n_invalid} non-finite rows excluded)" if data.n_invalid else ")")
+        )
+
+
+def _kmeans_parallel(eng: _Engine, k, seed, oversampling=None, rounds=5, n_local_trials=None):
+    """k-means|| (Bahmani et al. 2012) over streamed chunks, then weighted k-means++ on the
+    candidates (weighted by the number of points nearest to each)."""
+    data = eng.data
+    rng = np.random.default_rng([seed, 1234])
+    ell = float(oversampling if oversampling is not None else 2 * k)
+    valid_idx = np.nonzero(data.valid)[0]
+    first = int(valid_idx[rng.integers(len(valid_idx))])
+    cand = [np.asarray(data.x[first : first + 1], dtype=data.dtype)]
+    closest = np.full(data.n, np.inf, data.dtype)
+
+    def update_closest(new):
+        sub = _Engine(data, len(new), eng.mesh, MAX_REPLICATED_CENTROID_BYTES, eng.update)
+        _, md = sub.assign(sub.put_centroids(new))
+        np.minimum(closest, np.where(data.valid, md, 0), out=closest)
+
+    update_closest(cand[0])
+    for r in range(rounds):
+        phi = float(closest.sum())
+        if phi <= 0:
+            break
+        picked = []
+        for i in range(data.n_chunks):
+            s, e = data.rows(i)
+            u = np.random.default_rng([seed, 77, r, i]).random(e - s)
+            p = np.minimum(1.0, ell * closest[s:e] / phi)
+            picked.append(np.nonzero((u < p) & data.valid[s:e])[0] + s)
+        rows = np.concatenate(picked)
+        if rows.size == 0:
+            continue
+        new = np.asarray(data.x[rows], dtype=data.dtype)
+        cand.append(new)
+        update_closest(new)
+    cands = np.concatenate(cand)
+    if len(cands) < k:  # too few: top up with random points
+        extra = rng.choice(valid_idx, size=k - len(cands), replace=False)
+        cands = np.concatenate([cands, np.asarray(data.x[np.sort(extra)], dtype=data.dtype)])
+    sub = _Engine(data, len(cands), eng.mesh, MAX_REPLICATED_CENTROID_BYTES, eng.update)
+    a, _ = sub.assign(sub.put_centroids(cands))
+    weight = np.bincount(a[a >= 0], minlength=len(cands)).astype(data.dtype)
+    cdata = _Data(cands, eng.mesh, data.dtype, DEFAULT_TILE, len(cands))
+    centers, _, _ = _kpp_on(cdata, k, seed, n_local_trials, sample_weight=weight)
+    return centers
+
+
+# ---------------------------------------------------------------------- k-means
+
+
+class KMeansResult(tuple):
+    """(centroids, assignment) plus attributes inertia, inertia_history, n_reseeded,
+    n_invalid, init_potential."""
+
+    def __new__(cls, items, **info):
+        obj = super().__new__(cls, tuple(items))
+        obj.__dict__.update(info)
+        return obj
+
+
+def kmeans(
+    x,
+    k: int,
+    n_iters: int = 20,
+    seed: int = 0,
+    init=None,
+    *,
+    mesh: Mesh | None = None,
+    dtype=np.float32,
+    tile: int = DEFAULT_TILE,
+    init_method: str | None = None,
+    n_local_trials: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    max_replicated_centroid_bytes: int = MAX_REPLICATED_CENTROID_BYTES,
+    update: str = "scatter",
+    return_inertia: bool = False,
+    return_distances: bool = False,
+):
+    """Lloyd's k-means over rows sharded on ``mesh``.
+
+    Args:
+      x: [n, d] floating array, or a ``numpy.memmap`` (streamed in chunks of ``chunk_rows``
+        rows when larger). Non-finite rows are excluded (counted, logged; assignment -1).
+      k: number of clusters (<= number of finite rows).
+      n_iters: Lloyd iterations (assign + update); a final assignment follows.
+      seed: seeds the initialisation (deterministic, independent of the device count).
+      init: optional [k, d] initial centroids (then ``init_method`` is ignored).
+      init_method: 'k-means++' (exact greedy, default in memory), 'k-means||' (default for
+        streamed memmaps) or 'random' (k distinct random rows).
+      dtype: np.float32 (default) or np.float64 (runs under a scoped ``jax.enable_x64``).
+      tile: rows per distance tile (the [tile, k] distance block is the largest temporary).
+      max_replicated_centroid_bytes: above this the centroids are sharded along k.
+      update: 'scatter' (segment sums by scatter-add) or 'onehot' (one-hot matmul).
+      return_inertia: also return the final inertia (sum of squared distances).
+      return_distances: also return the squared distance of each row to its centroid.
+
+    Returns:
+      (centroids [k, d] numpy ``dtype``, assignment int32 [n]) [+ inertia] [+ distances].
+      The returned tuple also carries ``.inertia_history``, ``.n_reseeded``, ``.n_invalid``.
+      Empty clusters are re-seeded at each step from the points farthest from their
+      centroid, so none survives unless there are duplicate points.
+    """
+    x = _validate(x, k)
+    if update not in ("scatter", "onehot"):
+        raise ValueError(f"update must be 'scatter' or 'onehot', got {update!r}")
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    if n_iters < 0:
+        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    mesh = mesh or default_mesh()
+    with _x64(dtype):
+        data = _Data(x, mesh, dtype, tile, chunk_rows)
+        _check_k(k, data)
+        if data.n_invalid:
+            log.warning("kmeans: excluding %d non-finite rows of %d", data.n_invalid, data.n)
+        eng = _Engine(data, k, mesh, max_replicated_centroid_bytes, update)
+        init_potential = None
+        if init is not None:
+            c0 = np.asarray(init, dtype=data.dtype)
+            if c0.shape != (k, data.d):
+                raise ValueError(f"init must have shape {(k, data.d)}, got {c0.shape}")
+        else:
+            method = init_method or ("k-means||" if data.streamed else "k-means++")
+            if method == "k-means++":
+                if data.streamed:
+                    raise ValueError(
+                        "init_method='k-means++' needs the data in memory; use 'k-means||' "
+                        "for a streamed memmap (or raise chunk_rows)"
+                    )
+                c0, _, init_potential = _kpp_on(data, k, seed, n_local_trials)
+            elif method == "k-means||":
+                c0 = _kmeans_parallel(eng, k, seed, n_local_trials=n_local_trials)
+            elif method == "random":
+                rng = np.random.default_rng(seed)
+                rows = np.sort(rng.choice(np.nonzero(data.valid)[0], size=k, replace=False))
+                c0 = np.asarray(x[rows], dtype=data.dtype)
+            else:
+                raise ValueError(
+                    f"init_method must be 'k-means++', 'k-means||' or 'random', got {method!r}"
+                )
+        c = eng.put_centroids(c0)
+        history = []
+        n_reseeded = 0
+        for _ in range(n_iters):
+            c, counts, inertia = eng.step(c)
+            history.append(float(inertia))
+            c, nr = eng.reseed_empty(c, counts)
+            n_reseeded += nr
+        a, md = eng.assign(c)
+        centroids = _to_host(c)[:k]
+        inertia = float(np.sum(md[data.valid], dtype=np.float64))
+    out = [centroids, a]
+    if return_inertia:
+        out.append(inertia)
+    if return_distances:
+        out.append(md)
+    return KMeansResult(
+        out,
+        inertia=inertia,
+        inertia_history=history,
+        n_reseeded=n_reseeded,
+        n_invalid=data.n_invalid,
+        init_potential=init_potential,
+    )
+
+
+def assign(
+    x,
+    centroids,
+    *,
+    mesh: Mesh | None = None,
+    dtype=np.float32,
+    tile: int = DEFAULT_TILE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    max_replicated_centroid_bytes: int = MAX_REPLICATED_CENTROID_BYTES,
+):
+    """Nearest centroid of each row: (assignment int32 [n] (-1 for non-finite rows),
+    squared distance [n] (NaN for non-finite rows))."""
+    x = _validate(x, None)
+    centroids = np.asarray(centroids)
+    if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"centroids must be [k, {x.shape[1]}], got {centroids.shape}")
+    mesh = mesh or default_mesh()
+    with _x64(dtype):
+        data = _Data(x, mesh, dtype, tile, chunk_rows)
+        eng = _Engine(data, centroids.shape[0], mesh, max_replicated_centroid_bytes, "scatter")
+        return eng.assign(eng.put_centroids(centroids))
