@@ -155,8 +155,187 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def hierarchical_kmeans(*args, **kwargs):  # replaced below once written
-    raise NotImplementedError
+def _seed(*parts) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
 
 
-_ = (math, Sequence)
+def _select_per_cluster(level: ClusterLevel, r: int, strategy: str, rng) -> np.ndarray:
+    """Item indices: up to r members of every cluster (closest first, or at random)."""
+    sizes = level.sizes()
+    n_valid = int(level.offsets[-1])
+    pos = np.arange(n_valid) - np.repeat(level.offsets[:-1], sizes)
+    if strategy == "closest":
+        members = level.members
+    else:
+        cl = np.repeat(np.arange(level.k), sizes)
+        order = np.lexsort((rng.random(n_valid), cl))
+        members = level.members[order]
+    return np.sort(members[pos < r])
+
+
+def _run_level(items, k, steps, r, *, n_iters, seed, strategy, kw) -> ClusterLevel:
+    """One level: k-means (k-means++ then Lloyd); then steps - 1 resampling rounds (only
+    when r > 1): r items per cluster, a fresh k-means on them, all items reassigned."""
+    from herd.curation.kmeans import assign, kmeans
+
+    res = kmeans(items, k, n_iters, _seed(seed, 0), return_distances=True, **kw)
+    level = build_level(res[0], res[1], res[2])
+    if r > 1:
+        rng = np.random.default_rng(_seed(seed, 1))
+        for step in range(1, steps):
+            idx = _select_per_cluster(level, r, strategy, rng)
+            if idx.size < k:  # some clusters empty: top up at random
+                rest = np.setdiff1d(np.nonzero(level.assignment >= 0)[0], idx)
+                idx = np.sort(np.concatenate([idx, rng.choice(rest, k - idx.size, False)]))
+            sub = kmeans(np.asarray(items[idx]), k, n_iters, _seed(seed, 2, step), **kw)
+            a, d = assign(items, sub[0], mesh=kw.get("mesh"), dtype=kw.get("dtype", np.float32))
+            level = build_level(sub[0], a, d)
+    return level
+
+
+def _run_split_level(items, k, n_splits, steps, r, *, n_iters, seed, strategy, kw):
+    """Coarse level of k // n_splits clusters (with resampling), each split by k-means into
+    min(n_splits, size) clusters. The level has at most k clusters."""
+    from herd.curation.kmeans import kmeans
+
+    coarse = _run_level(
+        items, k // n_splits, steps, r, n_iters=n_iters, seed=seed, strategy=strategy, kw=kw
+    )
+    n = items.shape[0]
+    assignment = np.full(n, -1, np.int32)
+    sq = np.full(n, np.nan, np.float64)
+    cents = []
+    for c in range(coarse.k):
+        mem = np.sort(coarse.cluster(c))
+        if mem.size == 0:
+            continue
+        kc = min(n_splits, mem.size)
+        sub = kmeans(
+            np.asarray(items[mem]), kc, n_iters, _seed(seed, 3, c), return_distances=True, **kw
+        )
+        assignment[mem] = sub[1] + sum(len(x) for x in cents)
+        sq[mem] = sub[2]
+        cents.append(sub[0])
+    return build_level(np.concatenate(cents), assignment, sq)
+
+
+def hierarchical_kmeans(
+    x,
+    ks: Sequence[int],
+    resampling_steps: Sequence[int] | int = 1,
+    sample_sizes: Sequence[int] | int = 1,
+    *,
+    n_iters: int = 50,
+    seed: int = 0,
+    split_first: int | None = None,
+    sample_strategy: str = "closest",
+    workdir: str | None = None,
+    mesh=None,
+    dtype=np.float32,
+    tile: int | None = None,
+    verbose: bool = False,
+) -> ClusterTree:
+    """Hierarchical k-means with resampling (Vo et al. 2024).
+
+    Level 0 clusters the rows of x; level i clusters the centroids of level i - 1. At each
+    level: k-means (exact k-means++ then ``n_iters`` Lloyd iterations), then, if the
+    level's sample size r > 1, ``resampling_steps[i] - 1`` more steps (the count includes
+    the first run), each taking the r items closest to each centroid ('closest') or r at
+    random ('random'), running a fresh k-means++ and Lloyd on them, and reassigning all
+    items of the level to the new centroids.
+
+    Args:
+      x: [n, d] floating array (or memmap). Non-finite rows are excluded (assignment -1).
+      ks: clusters per level, e.g. [10_000_000, 500_000, 50_000, 10_000].
+      resampling_steps, sample_sizes: per level (or one int for all levels).
+      split_first: if set, level 0 is ks[0] // split_first clusters each split into up to
+        split_first clusters (the paper's 10M = 100k x 100); ks[0] must be divisible.
+      workdir: if set, each finished level is saved there (level_<i>.npz + tree.json) and
+        a rerun with the same arguments resumes after the last finished level.
+
+    Returns: a :class:`ClusterTree`.
+    """
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks must name at least one level")
+    n_levels = len(ks)
+
+    def per_level(v, name):
+        v = [int(v)] * n_levels if np.isscalar(v) else [int(t) for t in v]
+        if len(v) != n_levels:
+            raise ValueError(f"{name} has {len(v)} entries for {n_levels} levels (ks={ks})")
+        if min(v) < 1:
+            raise ValueError(f"{name} entries must be >= 1, got {v}")
+        return v
+
+    steps = per_level(resampling_steps, "resampling_steps")
+    sizes = per_level(sample_sizes, "sample_sizes")
+    if sample_strategy not in ("closest", "random"):
+        raise ValueError(f"sample_strategy must be 'closest' or 'random', got {sample_strategy!r}")
+    if split_first is not None and (split_first < 1 or ks[0] % split_first):
+        raise ValueError(f"split_first={split_first} must be >= 1 and divide ks[0]={ks[0]}")
+    if not hasattr(x, "ndim"):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [n, d], got shape {tuple(x.shape)}")
+    config = dict(
+        ks=ks,
+        resampling_steps=steps,
+        sample_sizes=sizes,
+        n_iters=int(n_iters),
+        seed=int(seed),
+        split_first=split_first,
+        sample_strategy=sample_strategy,
+        dtype=np.dtype(dtype).name,
+        n_points=int(x.shape[0]),
+        dim=int(x.shape[1]),
+    )
+    kw = dict(mesh=mesh, dtype=dtype)
+    if tile is not None:
+        kw["tile"] = tile
+    levels: list[ClusterLevel] = []
+    if workdir is not None:
+        levels = _resume(workdir, config)
+    for i in range(len(levels), n_levels):
+        items = x if i == 0 else levels[-1].centroids
+        n_items = items.shape[0] if i else int(np.isfinite(np.asarray(x)).all(1).sum())
+        if ks[i] > n_items:
+            raise ValueError(f"level {i}: k={ks[i]} is larger than the number of items ({n_items})")
+        t = _seed(seed, 100 + i)
+        if i == 0 and split_first:
+            level = _run_split_level(
+                items, ks[0], split_first, steps[0], sizes[0], n_iters=n_iters, seed=t,
+                strategy=sample_strategy, kw=kw,
+            )  # fmt: skip
+        else:
+            level = _run_level(
+                items, ks[i], steps[i], sizes[i], n_iters=n_iters, seed=t,
+                strategy=sample_strategy, kw=kw,
+            )  # fmt: skip
+        levels.append(level)
+        if verbose:
+            print(f"hierarchical_kmeans: level {i} done: k={level.k}", flush=True)
+        if workdir is not None:
+            ClusterTree(levels, x.shape[0], dict(config=config, complete=False)).save(workdir)
+    tree = ClusterTree(levels, x.shape[0], dict(config=config, complete=True))
+    if workdir is not None:
+        tree.save(workdir)
+    return tree
+
+
+def _resume(workdir: str, config: dict) -> list[ClusterLevel]:
+    path = os.path.join(workdir, "tree.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        info = json.load(f)
+    saved = info.get("meta", {}).get("config")
+    if saved != json.loads(json.dumps(config)):
+        raise ValueError(
+            f"workdir {workdir} holds a run with a different configuration: {saved} "
+            f"(this run: {config}); use another workdir"
+        )
+    return ClusterTree.load(workdir).levels
+
+
+_ = math
