@@ -1,0 +1,837 @@
+"""The Llama herd as one Flax Linen model: LLaMA 1, Llama 2, Code Llama, Llama 3/3.1/3.2.
+
+Pre-norm decoder: RMSNorm (float32) -> attention with RoPE and grouped-query heads ->
+residual -> RMSNorm -> SwiGLU -> residual; final RMSNorm; output head (or the tied
+embedding). Layers are stacked with ``nn.scan`` under a named remat policy.
+
+Parameter tree (HF-like names, so conversion is obvious)::
+
+    tok_embeddings/embedding     [vocab, dim]          (vocab, embed)
+    layers/attention/wq          [L, dim, heads, hd]   (layers, embed, heads, head_dim)
+    layers/attention/wk, wv      [L, dim, kv, hd]      (layers, embed, kv_heads, head_dim)
+    layers/attention/wo          [L, heads, hd, dim]   (layers, heads, head_dim, embed)
+    layers/feed_forward/w1, w3   [L, dim, ffn]         (layers, embed, mlp)
+    layers/feed_forward/w2       [L, ffn, dim]         (layers, mlp, embed)
+    layers/attention_norm/scale  [L, dim]              (layers, norm)
+    layers/ffn_norm/scale        [L, dim]              (layers, norm)
+    norm/scale                   [dim]                 (norm,)
+    output/kernel                [dim, vocab]          (embed, vocab)   untied only
+
+With ``scan_layers=False`` the layers are ``layers_0`` ... ``layers_{L-1}`` without the
+leading axis; :func:`stack_layers` / :func:`unstack_layers` convert between the two.
+
+RoPE uses the half-split pairing of Hugging Face checkpoints (dimension ``i`` rotates
+with ``i + head_dim/2``). Meta's original checkpoints (``consolidated.*.pth``) use the
+interleaved pairing (``2i`` with ``2i+1``): their ``wq`` / ``wk`` must be permuted with
+:func:`meta_to_hf_qk` (the same permutation as HF's ``convert_llama_weights_to_hf.py``)
+before :func:`params_from_hf`-style loading; ``wv``/``wo`` need no change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from herd.lm.attention import VALID_IMPLS, attention, check_attention_config
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attn")
+ATTENTION_IMPLS = VALID_IMPLS  # from herd.lm.attention
+DTYPES = ("float32", "bfloat16", "float16")
+_ROPE_SCALING_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+
+# Names given with checkpoint_name() inside a layer; the remat policies refer to them.
+_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+_ATTN_NAMES = _QKV_NAMES + ("context",)
+
+
+def _remat_policy(name: str):
+    """The jax.checkpoint policy for a named remat policy (None = save everything)."""
+    cp = jax.checkpoint_policies
+    if name == "none":
+        return None
+    if name == "full":  # save only the layer input; recompute the whole layer
+        return cp.nothing_saveable
+    if name == "save_dots":  # save every projection matmul output; recompute the rest
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "save_qkv":  # save q, k, v after RoPE
+        return cp.save_only_these_names(*_QKV_NAMES)
+    if name == "save_attn":  # q, k, v and the attention output: recompute only the MLP
+        return cp.save_only_these_names(*_ATTN_NAMES)
+    raise ValueError(f"unknown remat_policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Config and presets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama model. Validated on construction.
+
+    ``ffn_dim=None`` derives the SwiGLU width with Meta's rule
+    ``multiple_of * ceil(int(ffn_dim_multiplier * int(2 * 4 * dim / 3)) / multiple_of)``.
+    ``rope_scaling`` is Llama 3.1 style: ``{'factor', 'low_freq_factor',
+    'high_freq_factor', 'original_max_position_embeddings'}`` or None.
+    ``optimizer_eps`` is the AdamW epsilon of the family (the train config reads it).
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e4
+    rope_scaling: Mapping[str, float] | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    attention_impl: str = "xla"
+    attention_q_chunk: int | None = None
+    optimizer_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        for f in ("dtype", "param_dtype"):
+            v = getattr(self, f)
+            if not isinstance(v, str):  # accept jnp.float32 / np.dtype too
+                try:
+                    object.__setattr__(self, f, jnp.dtype(v).name)
+                except TypeError:
+                    pass
+        self.validate()
+
+    def __hash__(self):  # rope_scaling is a dict: hash its items
+        vals = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            vals.append(tuple(sorted(v.items())) if isinstance(v, dict) else v)
+        return hash(tuple(vals))
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU width: ffn_dim if given, else Meta's multiple_of rule."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> LlamaConfig:
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> None:
+        def pos_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+            pos_int(name)
+        if self.multiple_of is not None:
+            pos_int("multiple_of")
+        if self.ffn_dim is not None:
+            pos_int("ffn_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            )
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for RoPE")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {self.attention_impl!r}; "
+                f"valid: {', '.join(ATTENTION_IMPLS)}"
+            )
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ValueError(f"unknown {f} {getattr(self, f)!r}; valid: {', '.join(DTYPES)}")
+        if self.attention_q_chunk is not None:
+            pos_int("attention_q_chunk")
+        # impl / q_chunk combination (the sequence length is checked when the model runs)
+        check_attention_config(
+            self.attention_impl,
+            1,
+            q_chunk=self.attention_q_chunk,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+        )
+        rs = self.rope_scaling
+        if rs is not None:
+            missing = [k for k in _ROPE_SCALING_KEYS if k not in rs]
+            extra = [k for k in rs if k not in _ROPE_SCALING_KEYS + ("rope_type",)]
+            if missing or extra:
+                raise ValueError(
+                    f"rope_scaling {rs!r}: missing keys {missing}, unknown keys {extra}; "
+                    f"expected {list(_ROPE_SCALING_KEYS)}"
+                )
+            if rs.get("rope_type", "llama3") != "llama3":
+                raise ValueError(f"rope_scaling rope_type {rs['rope_type']!r}: only 'llama3'")
+            if not rs["factor"] >= 1:
+                raise ValueError(f"rope_scaling factor must be >= 1, got {rs['factor']}")
+            if not rs["high_freq_factor"] > rs["low_freq_factor"] > 0:
+                raise ValueError(
+                    "rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
+                    f"{rs['high_freq_factor']} and {rs['low_freq_factor']}"
+                )
+            if not rs["original_max_position_embeddings"] > 0:
+                raise ValueError(
+                    "rope_scaling original_max_position_embeddings must be > 0, got "
+                    f"{rs['original_max_position_embeddings']}"
+                )
+
+    # -- presets -----------------------------------------------------------------------
+    @classmethod
+    def presets(cls) -> list[str]:
+        return list(_PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> LlamaConfig:
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count from jax.eval_shape (no memory is allocated).
+
+        ``include_embeddings=False`` leaves out the input token-embedding table (a gather,
+        no FLOPs) but keeps the output projection, also when it is tied: this is the count
+        used for model FLOPs (6 N per token).
+        """
+        model = Llama(self)
+        shapes = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+        )
+        shapes = nn.meta.unbox(shapes)
+        total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+        if not include_embeddings and not self.tie_embeddings:
+            total -= self.vocab_size * self.dim
+        return total
+
+
+# Meta's params.json values (multiple_of / ffn_dim_multiplier) so the FFN width is derived
+# exactly as in the reference code; tests check the derived widths against RECIPES.md.
+# optimizer_eps: 1e-5 is stated by the Llama 2 paper; LLaMA 1, Code Llama and Llama 3 do
+# not state it and the same value is used (the train config may override it).
+_L31_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+_L32_SCALING = {**_L31_SCALING, "factor": 32.0}
+
+
+def _llama1(dim, layers, heads):
+    return dict(
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=heads,
+        vocab_size=32000,
+        multiple_of=256,
+        norm_eps=1e-6,
+        rope_theta=1e4,
+        max_seq_len=2048,
+    )
+
+
+_L2_70B = dict(
+    dim=8192,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    vocab_size=32000,
+    multiple_of=4096,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+    rope_theta=1e4,
+    max_seq_len=4096,
+)
+_L3_8B = dict(
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    vocab_size=128256,
+    multiple_of=1024,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+    rope_theta=5e5,
+    max_seq_len=8192,
+)
+_L3_70B = dict(_L3_8B, dim=8192, n_layers=80, n_heads=64, multiple_of=4096)
+_L31 = dict(max_seq_len=131072, rope_scaling=_L31_SCALING)
+_CODE = dict(vocab_size=32016, rope_theta=1e6, max_seq_len=16384, norm_eps=1e-5)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "llama1-7b": _llama1(4096, 32, 32),
+    "llama1-13b": _llama1(5120, 40, 40),
+    "llama1-33b": _llama1(6656, 60, 52),
+    "llama1-65b": _llama1(8192, 80, 64),
+    "llama2-7b": {**_llama1(4096, 32, 32), "norm_eps": 1e-5, "max_seq_len": 4096},
+    "llama2-13b": {**_llama1(5120, 40, 40), "norm_eps": 1e-5, "max_seq_len": 4096},
+    "llama2-70b": _L2_70B,
+    "code-llama-7b": {**_llama1(4096, 32, 32), **_CODE},
+    "code-llama-13b": {**_llama1(5120, 40, 40), **_CODE},
+    # 34B has no infilling tokens: vocab 32000
+    "code-llama-34b": {
+        **_llama1(8192, 48, 64),
+        **_CODE,
+        "n_kv_heads": 8,
+        "ffn_dim_multiplier": 1.0,
+        "vocab_size": 32000,
+    },
+    "code-llama-70b": {**_L2_70B, **_CODE},
+    "llama3-8b": _L3_8B,
+    "llama3-70b": _L3_70B,
+    "llama3.1-8b": {**_L3_8B, **_L31},
+    "llama3.1-70b": {**_L3_70B, **_L31},
+    "llama3.1-405b": dict(
+        _L3_8B,
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.2,
+        **_L31,
+    ),
+    "llama3.2-1b": dict(
+        _L3_8B,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        max_seq_len=131072,
+        rope_scaling=_L32_SCALING,
+        tie_embeddings=True,
+    ),
+    "llama3.2-3b": dict(
+        _L3_8B,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        multiple_of=256,
+        ffn_dim_multiplier=1.0,
+        max_seq_len=131072,
+        rope_scaling=_L32_SCALING,
+        tie_embeddings=True,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, float] | None = None):
+    """Inverse frequencies [head_dim/2] (float32), with Llama 3.1 scaling when given.
+
+    Llama 3.1: wavelengths above original/low_freq_factor are divided by ``factor``,
+    those below original/high_freq_factor are kept, the band between is interpolated.
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if scaling is None:
+        return inv
+    factor = scaling["factor"]
+    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions, head_dim, theta, scaling=None):
+    """cos, sin [B, T, head_dim/2] float32 for integer positions [B, T]."""
+    inv = jnp.asarray(rope_inv_freq(head_dim, theta, scaling))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split RoPE on x [B, T, H, D] with cos/sin [B, T, D/2]; float32 math, x.dtype out."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+def _param(mod: nn.Module, name, shape, axes, init, dtype):
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(
+            self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones, self.param_dtype
+        )
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(c.init_std)
+        d, h, kv, hd = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+        wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), init, pdt)
+        wk = _param(self, "wk", (d, kv, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wv = _param(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
+
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = _constrain(checkpoint_name(q, "query_proj"), ("batch", "length", "heads", "head_dim"))
+        k = _constrain(checkpoint_name(k, "key_proj"), ("batch", "length", "kv_heads", "head_dim"))
+        v = _constrain(
+            checkpoint_name(v, "value_proj"), ("batch", "length", "kv_heads", "head_dim")
+        )
+        kwargs = {} if c.attention_q_chunk is None else {"q_chunk": c.attention_q_chunk}
+        out = attention(
+            q, k, v, segment_ids=segment_ids, impl=c.attention_impl, causal=True, **kwargs
+        )
+        out = _constrain(checkpoint_name(out, "context"), ("batch", "length", "heads", "head_dim"))
+        out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        return checkpoint_name(out, "out_proj")
+
+
+class FeedForward(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(c.init_std)
+        d, f = c.dim, c.hidden_dim
+        w1 = _param(self, "w1", (d, f), ("embed", "mlp"), init, pdt)
+        w3 = _param(self, "w3", (d, f), ("embed", "mlp"), init, pdt)
+        w2 = _param(self, "w2", (f, d), ("mlp", "embed"), init, pdt)
+        gate = checkpoint_name(jnp.einsum("btd,df->btf", x, w1.astype(dt)), "mlp_gate")
+        up = checkpoint_name(jnp.einsum("btd,df->btf", x, w3.astype(dt)), "mlp_up")
+        hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return checkpoint_name(jnp.einsum("btf,fd->btd", hidden, w2.astype(dt)), "mlp_out")
+
+
+class Block(nn.Module):
+    """One decoder layer; returns (x, None) so it can be the body of nn.scan."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        c = self.config
+        norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.params_dtype, name=name)
+        x = x + Attention(c, name="attention")(norm("attention_norm")(x), cos, sin, segment_ids)
+        x = x + FeedForward(c, name="feed_forward")(norm("ffn_norm")(x))
+        return _constrain(x, ("batch", "length", "embed")), None
+
+
+class _Embedding(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        init = nn.initializers.normal(c.init_std)
+        return _param(
+            self, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"), init, c.params_dtype
+        )
+
+
+class _Head(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        init = nn.initializers.normal(c.init_std)
+        return _param(
+            self, "kernel", (c.dim, c.vocab_size), ("embed", "vocab"), init, c.params_dtype
+        )
+
+
+class Llama(nn.Module):
+    """Llama decoder. ``apply({'params': p}, tokens, positions=None, segment_ids=None,
+    return_hidden=False)``.
+
+    tokens int [B, T]; positions int [B, T] (default 0..T-1; restart per packed document);
+    segment_ids int [B, T] (1, 2, ... per document, 0 = padding; attention stays inside a
+    document) or None (plain causal). Returns float32 logits [B, T, vocab], or with
+    ``return_hidden`` the final normed hidden states [B, T, dim] in the compute dtype.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False):
+        c = self.config
+        dt = c.compute_dtype
+        b, t = tokens.shape
+        if t > c.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={c.max_seq_len}")
+        check_attention_config(
+            c.attention_impl,
+            t,
+            q_chunk=c.attention_q_chunk,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+        )
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        table = _Embedding(c, name="tok_embeddings")()
+        x = jnp.take(table, tokens, axis=0).astype(dt)
+        x = _constrain(x, ("batch", "length", "embed"))
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
+
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(
+                Block, policy=_remat_policy(c.remat_policy), prevent_cse=not c.scan_layers
+            )
+        if c.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(c, name="layers")(x, cos, sin, segment_ids)
+        else:
+            for i in range(c.n_layers):
+                x, _ = block(c, name=f"layers_{i}")(x, cos, sin, segment_ids)
+
+        x = RMSNorm(c.norm_eps, dt, c.params_dtype, name="norm")(x)
+        if return_hidden:
+            return x
+        w = table.T if c.tie_embeddings else _Head(c, name="output")()
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+        return _constrain(logits, ("batch", "length", "vocab"))
+
+
+# ---------------------------------------------------------------------------------------
+# Loss helpers
+# ---------------------------------------------------------------------------------------
+
+
+def output_embedding(params, config: LlamaConfig):
+    """The [dim, vocab] matrix that maps final hidden states to logits."""
+    params = nn.meta.unbox(params)
+    if "params" in params and "tok_embeddings" not in params:
+        params = params["params"]
+    if config.tie_embeddings:
+        return params["tok_embeddings"]["embedding"].T
+    return params["output"]["kernel"]
+
+
+def _chunk_logits(h, w, i, chunk, vocab):
+    wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1).astype(h.dtype)
+    logits = jnp.dot(h, wc, preferred_element_type=jnp.float32)
+    col = i * chunk + jnp.arange(chunk)
+    return jnp.where(col[None, :] < vocab, logits, -jnp.inf), col
+
+
+def _chunked_forward(h, w, t, chunk, vocab):
+    n = h.shape[0]
+    n_chunks = w.shape[1] // chunk
+
+    def body(i, carry):
+        m, s, tgt = carry
+        logits, col = _chunk_logits(h, w, i, chunk, vocab)
+        m_new = jnp.maximum(m, logits.max(axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(axis=-1)
+        tgt = tgt + jnp.where(col[None, :] == t[:, None], logits, 0.0).sum(axis=-1)
+        return m_new, s, tgt
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+    m, s, tgt = jax.lax.fori_loop(0, n_chunks, body, init + (jnp.zeros((n,), jnp.float32),))
+    return m + jnp.log(s), tgt
+
+
+def _make_chunked_nll(chunk: int, vocab: int):
+    @jax.custom_vjp
+    def nll(h, w, t, mask):
+        lse, tgt = _chunked_forward(h, w, t, chunk, vocab)
+        return jnp.sum((lse - tgt) * mask)
+
+    def fwd(h, w, t, mask):
+        lse, tgt = _chunked_forward(h, w, t, chunk, vocab)
+        return jnp.sum((lse - tgt) * mask), (h, w, t, mask, lse)
+
+    def bwd(res, g):
+        h, w, t, mask, lse = res
+        scale = (mask * g)[:, None]
+
+        def body(i, carry):
+            dh, dw = carry
+            logits, col = _chunk_logits(h, w, i, chunk, vocab)
+            p = jnp.exp(logits - lse[:, None])
+            dlog = ((p - (col[None, :] == t[:, None])) * scale).astype(h.dtype)
+            wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1).astype(h.dtype)
+            dh = dh + jnp.dot(dlog, wc.T, preferred_element_type=jnp.float32)
+            dwc = jnp.dot(h.T, dlog, preferred_element_type=jnp.float32).astype(w.dtype)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, dwc, i * chunk, axis=1)
+            return dh, dw
+
+        dh0 = jnp.zeros(h.shape, jnp.float32)
+        dh, dw = jax.lax.fori_loop(0, w.shape[1] // chunk, body, (dh0, jnp.zeros_like(w)))
+        t_ct = np.zeros(t.shape, jax.dtypes.float0)
+        return dh.astype(h.dtype), dw, t_ct, jnp.zeros_like(mask)
+
+    nll.defvjp(fwd, bwd)
+    return nll
+
+
+def chunked_cross_entropy(hidden, out_embedding, targets, loss_mask, chunk_size=None):
+    """Summed next-token NLL and token count, without [B, T, vocab] logits.
+
+    hidden [B, T, dim] (compute dtype), out_embedding [dim, vocab], targets int [B, T],
+    loss_mask [B, T] (1 = counted). The vocabulary is processed ``chunk_size`` columns at a
+    time with an online log-sum-exp; the backward pass recomputes each chunk's logits
+    (custom VJP), so memory is O(B*T*chunk). Logits are float32.
+    ``chunk_size=None`` or ``>= vocab``: one plain full-logits cross-entropy.
+    Returns (sum_nll float32 scalar, n_tokens float32 scalar).
+    """
+    d = hidden.shape[-1]
+    vocab = out_embedding.shape[1]
+    h = hidden.reshape(-1, d)
+    t = targets.reshape(-1).astype(jnp.int32)
+    mask = loss_mask.reshape(-1).astype(jnp.float32)
+    n_tokens = jnp.sum(mask)
+    if chunk_size is None or chunk_size >= vocab:
+        logits = jnp.dot(h, out_embedding.astype(h.dtype), preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum((lse - tgt) * mask), n_tokens
+    pad = (-vocab) % chunk_size
+    w = jnp.pad(out_embedding, ((0, 0), (0, pad))) if pad else out_embedding
+    nll = _make_chunked_nll(int(chunk_size), int(vocab))(h, w, t, mask)
+    return nll, n_tokens
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts and conversion
+# ---------------------------------------------------------------------------------------
+
+
+def _layer_keys(params):
+    keys = [k for k in params if k.startswith("layers_")]
+    return sorted(keys, key=lambda k: int(k.split("_")[1]))
+
+
+def stack_layers(params):
+    """Unscanned params ('layers_0'.. 'layers_{L-1}') -> scanned ('layers', leading axis).
+
+    Works on the params dict or on {'params': ...}; other entries are kept as they are.
+    """
+    if "params" in params and "tok_embeddings" not in params:
+        return {**params, "params": stack_layers(params["params"])}
+    keys = _layer_keys(params)
+    if not keys:
+        raise ValueError("no 'layers_<i>' entries to stack")
+    out = {k: v for k, v in params.items() if k not in keys}
+    out["layers"] = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *[nn.meta.unbox(params[k]) for k in keys]
+    )
+    return out
+
+
+def unstack_layers(params):
+    """Scanned params ('layers' with a leading layer axis) -> 'layers_0'.. 'layers_{L-1}'."""
+    if "params" in params and "tok_embeddings" not in params:
+        return {**params, "params": unstack_layers(params["params"])}
+    if "layers" not in params:
+        raise ValueError("no 'layers' entry to unstack")
+    stacked = nn.meta.unbox(params["layers"])
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+def meta_to_hf_qk(w, n_heads):
+    """Permute a Meta wq/wk weight [n_heads*head_dim, dim] (interleaved RoPE pairing) to the
+    HF half-split pairing (the permutation of HF's convert_llama_weights_to_hf.py)."""
+    w = np.asarray(w)
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.reshape(n_heads, hd // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+
+
+def config_from_hf(hf_config, **overrides) -> LlamaConfig:
+    """LlamaConfig from a transformers LlamaConfig (or its to_dict())."""
+    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    rope = d.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", d.get("rope_theta", 1e4))
+    scaling = None
+    old_scaling = d.get("rope_scaling") or {}
+    src = rope if rope.get("rope_type") == "llama3" else old_scaling
+    if src.get("rope_type", src.get("type")) == "llama3":
+        scaling = {k: src[k] for k in _ROPE_SCALING_KEYS}
+    hd = d.get("head_dim")
+    if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
+        raise ValueError(f"head_dim={hd} != hidden_size / num_attention_heads: not supported")
+    kw = dict(
+        dim=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        vocab_size=d["vocab_size"],
+        ffn_dim=d["intermediate_size"],
+        norm_eps=d["rms_norm_eps"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=d["max_position_embeddings"],
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+    )
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def params_from_hf(state_dict, config: LlamaConfig):
+    """HF LlamaForCausalLM state dict (name -> array, torch tensors or numpy) -> herd
+    params (numpy float32, scanned or unscanned per config.scan_layers)."""
+
+    def get(name):
+        x = state_dict[name]
+        if hasattr(x, "detach"):
+            x = x.detach().float().cpu().numpy()
+        return np.asarray(x, np.float32)
+
+    c = config
+    d, h, kv, hd = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+    p = {"tok_embeddings": {"embedding": get("model.embed_tokens.weight")}}
+    for i in range(c.n_layers):
+        pre = f"model.layers.{i}."
+        p[f"layers_{i}"] = {
+            "attention": {
+                "wq": get(pre + "self_attn.q_proj.weight").T.reshape(d, h, hd),
+                "wk": get(pre + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
+                "wv": get(pre + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
+                "wo": get(pre + "self_attn.o_proj.weight").T.reshape(h, hd, d),
+            },
+            "feed_forward": {
+                "w1": get(pre + "mlp.gate_proj.weight").T,
+                "w3": get(pre + "mlp.up_proj.weight").T,
+                "w2": get(pre + "mlp.down_proj.weight").T,
+            },
+            "attention_norm": {"scale": get(pre + "input_layernorm.weight")},
+            "ffn_norm": {"scale": get(pre + "post_attention_layernorm.weight")},
+        }
+    p["norm"] = {"scale": get("model.norm.weight")}
+    if not c.tie_embeddings:
+        p["output"] = {"kernel": get("lm_head.weight").T}
+    if c.scan_layers:
+        p = stack_layers(p)
+        p["layers"] = jax.tree_util.tree_map(np.asarray, p["layers"])
+    return p
+
+
+def params_to_hf(params, config: LlamaConfig):
+    """herd params (scanned or not) -> HF LlamaForCausalLM state dict of numpy arrays."""
+    p = nn.meta.unbox(params)
+    if "layers" in p:
+        p = unstack_layers(p)
+    c = config
+    d = c.dim
+    a = lambda x: np.asarray(x, np.float32)
+    sd = {"model.embed_tokens.weight": a(p["tok_embeddings"]["embedding"])}
+    for i in range(c.n_layers):
+        pre, lp = f"model.layers.{i}.", p[f"layers_{i}"]
+        at, ff = lp["attention"], lp["feed_forward"]
+        sd[pre + "self_attn.q_proj.weight"] = a(at["wq"]).reshape(d, -1).T
+        sd[pre + "self_attn.k_proj.weight"] = a(at["wk"]).reshape(d, -1).T
+        sd[pre + "self_attn.v_proj.weight"] = a(at["wv"]).reshape(d, -1).T
+        sd[pre + "self_attn.o_proj.weight"] = a(at["wo"]).reshape(-1, d).T
+        sd[pre + "mlp.gate_proj.weight"] = a(ff["w1"]).T
+        sd[pre + "mlp.up_proj.weight"] = a(ff["w3"]).T
+        sd[pre + "mlp.down_proj.weight"] = a(ff["w2"]).T
+        sd[pre + "input_layernorm.weight"] = a(lp["attention_norm"]["scale"])
+        sd[pre + "post_attention_layernorm.weight"] = a(lp["ffn_norm"]["scale"])
+    sd["model.norm.weight"] = a(p["norm"]["scale"])
+    if c.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    else:
+        sd["lm_head.weight"] = a(p["output"]["kernel"]).T
+    return sd
