@@ -1,7 +1,13 @@
 """Clustering-based data curation (Vo et al. 2024): k-means, hierarchical k-means with
-resampling, and balanced sampling."""
+resampling, and balanced sampling.
+
+Note: ``herd.curation.kmeans`` is the *function* (it shadows the submodule of the same
+name); reach the module's other names with ``from herd.curation.kmeans import ...`` or
+``importlib.import_module("herd.curation.kmeans")``.
+"""
 
 from herd.curation.hierarchical import ClusterLevel, ClusterTree, hierarchical_kmeans
+from herd.curation.kmeans import assign, kmeans, kmeans_plusplus
 
 __all__ = [
     "ClusterLevel",
@@ -15,11 +21,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Lazy: kmeans pulls in jax; balanced_sample lives in sampling.py (CURATE helper).
-    if name in ("kmeans", "kmeans_plusplus", "assign"):
-        from herd.curation import kmeans as _km
-
-        return getattr(_km, name)
+    # Lazy: balanced_sample lives in sampling.py (written by the CURATE helper).
     if name == "balanced_sample":
         from herd.curation.sampling import balanced_sample
 

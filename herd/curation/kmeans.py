@@ -62,6 +62,19 @@ def default_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+# With mesh=None, inputs of at most this many elements run on one device (sharding tiny
+# inputs over many devices only adds overhead).
+SMALL_INPUT_ELEMENTS = 1 << 20
+
+
+def _pick_mesh(mesh, x) -> Mesh:
+    if mesh is not None:
+        return mesh
+    if x.shape[0] * x.shape[1] <= SMALL_INPUT_ELEMENTS:
+        return default_mesh(jax.devices()[:1])
+    return default_mesh()
+
+
 def _axes(mesh: Mesh):
     return tuple(mesh.axis_names)
 
@@ -552,7 +565,7 @@ def kmeans_plusplus(
     ``(row indices [k], potential)``.
     """
     x = _validate(x, k)
-    mesh = mesh or default_mesh()
+    mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, DEFAULT_TILE, max(x.shape[0], 1))
         _check_k(k, data)
@@ -656,6 +669,8 @@ def kmeans(
       n_iters: Lloyd iterations (assign + update); a final assignment follows.
       seed: seeds the initialisation (deterministic, independent of the device count).
       init: optional [k, d] initial centroids (then ``init_method`` is ignored).
+      mesh: rows are sharded over all its axes (default: all devices; one device when
+        x has at most SMALL_INPUT_ELEMENTS elements).
       init_method: 'k-means++' (exact greedy, default in memory), 'k-means||' (default for
         streamed memmaps) or 'random' (k distinct random rows).
       dtype: np.float32 (default) or np.float64 (runs under a scoped ``jax.enable_x64``).
@@ -678,7 +693,7 @@ def kmeans(
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if n_iters < 0:
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
-    mesh = mesh or default_mesh()
+    mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
         _check_k(k, data)
@@ -751,7 +766,7 @@ def assign(
     centroids = np.asarray(centroids)
     if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids must be [k, {x.shape[1]}], got {centroids.shape}")
-    mesh = mesh or default_mesh()
+    mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
         eng = _Engine(data, centroids.shape[0], mesh, max_replicated_centroid_bytes, "scatter")
