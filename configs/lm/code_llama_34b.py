@@ -1,0 +1,21 @@
+"""Code Llama 34B (sec. 2.6): 500B tokens, lr 1.5e-4, 1000 warmup steps, final lr 1/30 of
+peak; no infilling.
+
+For pods: set --config.data.source, --config.data.eval_source and --config.data.tokenizer.
+"""
+
+from configs.lm.common import pod_config
+
+
+def get_config(arg=None):
+    del arg
+    return pod_config(
+        "code-llama-34b",
+        lr=0.00015,
+        warmup_steps=1000,
+        batch_tokens=4 * 2**20,
+        seq_len=4096,
+        train_tokens=5e11,
+        min_lr_ratio=1 / 30,
+        mesh={"data": 1, "fsdp": -1, "tensor": 8},
+    )

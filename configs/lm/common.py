@@ -1,0 +1,125 @@
+"""The one builder behind every configs/lm/*.py file.
+
+`base_config()` lists every field `python -m herd.lm.train` reads (so any of them can be
+overridden with --config.key=value); `pod_config(...)` fills in a published recipe:
+a model preset from herd.lm.model plus the paper's optimiser, batch and length.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Fields of LlamaConfig a config may set; None = the preset's (or the class's) default.
+MODEL_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "ffn_dim",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "max_seq_len",
+    "tie_embeddings",
+    "dtype",
+    "param_dtype",
+    "remat_policy",
+    "scan_layers",
+    "attention_impl",
+    "attention_q_chunk",
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"preset": None, **{k: None for k in MODEL_FIELDS}})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.data = ml_collections.ConfigDict(
+        {
+            "source": "stdlib",  # 'stdlib', file globs, 'jsonl:<glob>[:field]', 'tfds:<name>'...
+            "eval_source": "",  # required unless source == 'stdlib'
+            "eval_fraction": 0.02,  # stdlib only: share of files held out for eval
+            "tokenizer": "",  # a .model file; '' = train a SentencePiece BPE and cache it
+            "tokenizer_train_files": 400,  # files used to train that tokenizer (0 = all)
+            "seq_len": 256,
+            "global_batch_size": 16,  # sequences per step, all processes together
+            "seed": 0,
+            "worker_count": 0,
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "schedule": "warmup_cosine",
+            "lr": 3e-4,
+            "warmup_steps": 2000,
+            "min_lr_ratio": 0.1,  # cosine ends at 10% of the peak (Llama 1/2/3)
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": None,  # None = the model family's value (Llama 2 sec. 2.2: 1e-5)
+            "weight_decay": 0.1,
+            "clip_norm": 1.0,
+        }
+    )
+    c.train = ml_collections.ConfigDict(
+        {
+            "steps": 1000,
+            "grad_accum_steps": 1,
+            "vocab_chunk": 0,  # chunk of the vocabulary per cross-entropy step (0 = all)
+            "eval_every": 100,
+            "eval_batches": 4,
+            "eval_at_start": True,
+            "checkpoint_every": 100,
+            "keep_checkpoints": 3,
+            "async_checkpoints": True,
+            "log_every": 10,
+            "seed": 0,
+            "progress": True,
+            "tensorboard": True,
+            "sample_prompt": "",
+            "sample_tokens": 0,
+        }
+    )
+    return c
+
+
+def pod_config(
+    preset: str,
+    *,
+    lr: float,
+    warmup_steps: int,
+    batch_tokens: int,
+    seq_len: int,
+    train_tokens: float,
+    min_lr_ratio: float = 0.1,
+    eps: float | None = None,
+    mesh: dict | None = None,
+    remat_policy: str = "full",
+    vocab_chunk: int = 0,
+) -> ml_collections.ConfigDict:
+    """A published pre-training recipe for a pod (bf16 compute, float32 params).
+
+    The corpus and tokenizer are the user's: set --config.data.source, .eval_source and
+    .tokenizer (an empty source is refused before anything compiles).
+    """
+    c = base_config()
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = remat_policy
+    c.mesh = ml_collections.ConfigDict(mesh or {"data": 1, "fsdp": -1, "tensor": 1})
+    c.data.source = ""
+    c.data.seq_len = seq_len
+    c.data.global_batch_size = batch_tokens // seq_len
+    c.optim.lr = lr
+    c.optim.warmup_steps = warmup_steps
+    c.optim.min_lr_ratio = min_lr_ratio
+    c.optim.eps = eps
+    c.train.steps = int(train_tokens // batch_tokens)
+    c.train.vocab_chunk = vocab_chunk
+    c.train.eval_every = 1000
+    c.train.eval_batches = 50
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 10
+    c.train.progress = False
+    return c

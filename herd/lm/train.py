@@ -1,0 +1,562 @@
+"""Pre-train (or continue training) a Llama-family model on a device mesh.
+
+Usage::
+
+    python -m herd.lm.train                                   # the embedded default
+    python -m herd.lm.train --config=configs/lm/llama3_8b.py --workdir=/ckpt/llama3_8b
+    python -m herd.lm.train --config.train.steps=200 --config.model.n_layers=2
+
+With no arguments it trains a small Llama-3-style model (GQA, RoPE theta 5e5, document
+masking of packed sequences) on this interpreter's own standard-library sources: it trains
+and caches a SentencePiece tokenizer on first use (in $HERD_CACHE or ~/.cache/herd),
+shows a progress bar with loss, tokens/s and MFU, evaluates on held-out stdlib files,
+checkpoints to ``--workdir`` (default ``./workdir/lm``; rerunning resumes from the last
+checkpoint, data iterator included) and ends with a short greedy sample from a code
+prompt. About five minutes on 2 CPU cores.
+
+``--config=path.py[:arg]`` picks an experiment file (configs/lm/*.py: one per published
+family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test config);
+``--config.key=value`` overrides any field; an unknown key is an error. Metrics go to
+``workdir/metrics.jsonl`` and ``workdir/tb`` (TensorBoard).
+
+The sample uses a plain greedy loop that re-runs the model on the growing sequence (no KV
+cache); a real prefill + decode generator is herd.lm.generate's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from herd.core import mesh as mesh_lib
+from herd.core.checkpoint import Checkpointer
+from herd.core.loop import TrainState, train_loop
+from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
+from herd.core.optim import accumulate_gradients, make_optimizer
+
+__all__ = [
+    "build_model_config",
+    "validate_config",
+    "flops_per_token",
+    "make_init_fn",
+    "make_train_step",
+    "make_eval_step",
+    "greedy_sample",
+    "run",
+    "main",
+]
+
+log = logging.getLogger("herd.lm.train")
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def build_model_config(model_cfg: ml_collections.ConfigDict | dict):
+    """`cfg.model` -> LlamaConfig: a preset plus the fields set (not None), or all fields.
+
+    LlamaConfig validates itself (heads divisible by kv heads, dim by heads, ...) and an
+    unknown preset raises listing the valid ones.
+    """
+    from herd.lm.model import LlamaConfig
+
+    fields = {k: v for k, v in dict(model_cfg).items() if v is not None}
+    if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
+        fields["rope_scaling"] = dict(fields["rope_scaling"])
+    preset = fields.pop("preset", None)
+    if preset:
+        return LlamaConfig.preset(preset, **fields)
+    return LlamaConfig(**fields)
+
+
+def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> None:
+    """Raises ValueError naming the bad value before anything is compiled."""
+    seq_len = int(cfg.data.seq_len)
+    if seq_len <= 0:
+        raise ValueError(f"data.seq_len must be positive, got {seq_len}")
+    if seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"data.seq_len {seq_len} is above the model's max_seq_len {model_config.max_seq_len}"
+        )
+    if int(cfg.train.grad_accum_steps) < 1:
+        raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if int(cfg.train.steps) < 1:
+        raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
+    mesh_lib.check_global_batch(int(cfg.data.global_batch_size), mesh, cfg.train.grad_accum_steps)
+    chunk = cfg.train.get("vocab_chunk") or 0
+    if chunk < 0:
+        raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
+    try:
+        from herd.lm.attention import check_attention_config
+    except ImportError:  # pragma: no cover - attention module is part of the package
+        return
+    check_attention_config(
+        model_config.attention_impl,
+        seq_len,
+        q_chunk=model_config.attention_q_chunk,
+        n_heads=model_config.n_heads,
+        n_kv_heads=model_config.n_kv_heads,
+        head_dim=model_config.head_dim,
+    )
+
+
+def flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params (LM head included) + causal attention.
+
+    The attention term is 6 x n_layers x seq_len x dim (12 x L x T x d halved for the causal
+    mask), the convention of the Llama / PaLM MFU accounting that BENCHMARKS.md uses.
+    """
+    c = model_config
+    hd = c.head_dim
+    ffn = c.hidden_dim
+    per_layer = (
+        c.dim * c.n_heads * hd * 2  # wq, wo
+        + c.dim * c.n_kv_heads * hd * 2  # wk, wv
+        + 3 * c.dim * ffn
+    )
+    matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size  # + LM head
+    return 6.0 * matmul_params + 6.0 * c.n_layers * seq_len * c.dim
+
+
+# ----------------------------------------------------------------------- step functions
+
+
+def make_init_fn(model, optimizer, init_len: int = 8):
+    """rng -> TrainState with boxed (logically partitioned) params, for mesh.init_sharded."""
+
+    def init(rng):
+        rng, init_rng = jax.random.split(rng)
+        tokens = jnp.zeros((1, init_len), jnp.int32)
+        params = model.init(init_rng, tokens)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=rng,
+        )
+
+    return init
+
+
+def _loss_fn(model, vocab_chunk: int):
+    from herd.lm.model import chunked_cross_entropy, output_embedding
+
+    chunk = vocab_chunk or model.config.vocab_size
+
+    def loss_fn(params, batch):
+        hidden = model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            return_hidden=True,
+        )
+        out_embedding = output_embedding(params, model.config)
+        return chunked_cross_entropy(
+            hidden, out_embedding, batch["targets"], batch["loss_mask"], chunk
+        )
+
+    return loss_fn
+
+
+class _MeshCall:
+    """Calls a jitted function with the mesh and the logical axis rules in context.
+
+    The contexts matter at trace time: they turn the model's logical constraints into
+    sharding constraints on this mesh.
+    """
+
+    def __init__(self, fn, mesh, rules):
+        self.fn, self.mesh, self.rules = fn, mesh, list(rules)
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.fn.lower(*args)
+
+
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh,
+    state_shardings,
+    rules=mesh_lib.DEFAULT_RULES,
+    grad_accum_steps: int = 1,
+    vocab_chunk: int = 0,
+):
+    """The jitted train step `(state, batch) -> (state, metrics)`.
+
+    Jitted once with explicit in/out shardings and the state donated. The loss is the
+    token-weighted mean next-token cross-entropy (chunked over the vocabulary when
+    `vocab_chunk` is set, so [B, T, V] logits are never built), masked by `loss_mask`;
+    with `grad_accum_steps > 1` the batch is split into microbatches whose summed losses
+    and gradients are divided once by the total token count (same result as one batch).
+    metrics: loss, grad_norm (before clipping), tokens.
+    """
+    loss_fn = _loss_fn(model, vocab_chunk)
+
+    def constrain(x):
+        spec = PartitionSpec(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def step(state: TrainState, batch):
+        loss, grads, n_tokens = accumulate_gradients(
+            loss_fn, state.params, batch, grad_accum_steps, constrain
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_tokens}
+        return new_state, metrics
+
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    rep = mesh_lib.replicated(mesh)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, {"loss": rep, "grad_norm": rep, "tokens": rep}),
+        donate_argnums=(0,),
+    )
+    return _MeshCall(jitted, mesh, rules)
+
+
+def make_eval_step(model, *, mesh, param_shardings, rules=mesh_lib.DEFAULT_RULES, vocab_chunk=0):
+    """Jitted `(params, batch) -> (sum_nll, n_tokens)`; average over batches by tokens."""
+    loss_fn = _loss_fn(model, vocab_chunk)
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    rep = mesh_lib.replicated(mesh)
+    jitted = jax.jit(loss_fn, in_shardings=(param_shardings, batch_sh), out_shardings=(rep, rep))
+    return _MeshCall(jitted, mesh, rules)
+
+
+def greedy_sample(model, params, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy continuation of `prompt` (no KV cache: re-runs the model on a fixed buffer).
+
+    The buffer has a fixed length so the forward pass compiles once; causal attention
+    makes the positions after the current one irrelevant.
+    """
+    ids = list(tokenizer.encode(prompt, bos=True))
+    total = min(len(ids) + max_new_tokens, model.config.max_seq_len)
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(ids)] = ids
+    positions = np.arange(total, dtype=np.int32)[None]
+
+    @jax.jit
+    def next_token(p, tokens, cur):
+        logits = model.apply({"params": p}, tokens, positions=positions)
+        return jnp.argmax(logits[0, cur - 1]).astype(jnp.int32)
+
+    cur = len(ids)
+    eos = getattr(tokenizer, "eos_id", None)
+    while cur < total:
+        tok = int(next_token(params, buf, cur))
+        if eos is not None and tok == eos:
+            break
+        buf[0, cur] = tok
+        cur += 1
+    return tokenizer.decode([int(t) for t in buf[0, len(ids) : cur]])
+
+
+# ------------------------------------------------------------------------ data set-up
+
+
+def _tokenizer_for(cfg, train_files: list[str], corpus_hash: str, say):
+    from herd.lm import tokenizer as tok_lib
+
+    vocab = int(cfg.model.vocab_size) if cfg.model.get("vocab_size") else None
+    path = cfg.data.get("tokenizer") or ""
+    if path:
+        if not os.path.exists(path):
+            raise ValueError(f"data.tokenizer {path!r} does not exist")
+        tok = tok_lib.load_tokenizer(path)
+    else:
+        if not vocab:
+            raise ValueError("data.tokenizer is empty and model.vocab_size is not set")
+        n_files = int(cfg.data.get("tokenizer_train_files") or 0)
+        files = train_files
+        if n_files and len(files) > n_files:
+            stride = len(files) / n_files
+            files = [files[int(i * stride)] for i in range(n_files)]
+        model_path = os.path.join(
+            cache_dir(), "tokenizers", f"sp_{corpus_hash[:16]}_v{vocab}_f{n_files}.model"
+        )
+        if os.path.exists(model_path):
+            say(f"tokenizer: cached {model_path}")
+            tok = tok_lib.load_tokenizer(model_path)
+        else:
+            os.makedirs(os.path.dirname(model_path), exist_ok=True)
+            say(f"tokenizer: training a {vocab}-token SentencePiece BPE on {len(files)} files")
+            t0 = time.perf_counter()
+            tok = tok_lib.train_tokenizer(files, vocab, model_path)
+            say(f"tokenizer: {model_path} ({time.perf_counter() - t0:.1f}s)")
+    if vocab and tok.vocab_size > vocab:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}: "
+            f"token ids up to {tok.vocab_size - 1} would be outside the vocabulary"
+        )
+    return tok
+
+
+def _corpus(cfg, say):
+    """(train source, eval source, corpus hash) from cfg.data."""
+    from herd.lm import data as data_lib
+
+    source = cfg.data.get("source") or ""
+    if not source:
+        raise ValueError(
+            "data.source is empty: set --config.data.source to files/globs or a spec like "
+            "'jsonl:<glob>[:field]' (or 'stdlib' for the interpreter's standard library)"
+        )
+    if source == "stdlib":
+        frac = cfg.data.get("eval_fraction") or 0.02
+        train_files, digest = data_lib.stdlib_files("train", eval_fraction=frac)
+        eval_files, _ = data_lib.stdlib_files("eval", eval_fraction=frac)
+        if not train_files or not eval_files:
+            raise ValueError("the interpreter's standard library has no *.py files to train on")
+        say(
+            f"corpus: stdlib {len(train_files)} train / {len(eval_files)} eval files, "
+            f"file-list sha256 {digest[:16]}"
+        )
+        return train_files, eval_files, digest
+    eval_source = cfg.data.get("eval_source") or ""
+    if not eval_source:
+        raise ValueError("data.eval_source is empty (set it when data.source is not 'stdlib')")
+    import hashlib
+
+    digest = hashlib.sha256(str(source).encode()).hexdigest()
+    return source, eval_source, digest
+
+
+def _train_files_list(source) -> list[str]:
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    import glob
+
+    return sorted(glob.glob(str(source).split(":")[-1]))
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None) -> dict:
+    """Trains as `cfg` says in `workdir` (resuming if it holds checkpoints); returns a summary.
+
+    summary: {'eval': {step: {'eval_loss': ...}}, 'loss': {step: train loss},
+              'sample': str, 'final_step': int, 'workdir': str, 'seconds': float}
+    """
+    from herd.lm import data as data_lib
+    from herd.lm.model import Llama
+
+    t_run = time.perf_counter()
+    workdir = os.path.abspath(workdir)
+    show = cfg.train.get("progress", True) if progress is None else progress
+    bar_holder: list[ProgressBar] = []
+
+    def say(text: str) -> None:
+        if bar_holder:
+            bar_holder[0].write(text)
+        elif jax.process_index() == 0:
+            print(text, flush=True)
+
+    # --- everything a user can get wrong is checked before compiling anything
+    model_config = build_model_config(cfg.model)
+    mesh = mesh_lib.make_mesh(dict(cfg.mesh))
+    validate_config(cfg, model_config, mesh)
+    say(f"workdir: {workdir}")
+    say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
+    train_source, eval_source, digest = _corpus(cfg, say)
+    train_list = train_source if isinstance(train_source, list) else _train_files_list(train_source)
+    tokenizer = _tokenizer_for(cfg, train_list, digest, say)
+
+    seq_len = int(cfg.data.seq_len)
+    global_batch = int(cfg.data.global_batch_size)
+    local_batch = global_batch // jax.process_count()
+    common = dict(
+        seq_len=seq_len,
+        batch_size=local_batch,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    train_iter = data_lib.make_lm_iterator(
+        train_source,
+        tokenizer,
+        seed=int(cfg.data.seed),
+        shuffle=True,
+        num_epochs=None,
+        worker_count=int(cfg.data.get("worker_count") or 0),
+        **common,
+    )
+    n_eval = int(cfg.train.eval_batches)
+    eval_iter = data_lib.make_lm_iterator(
+        eval_source, tokenizer, seed=0, shuffle=False, num_epochs=1, **common
+    )
+    eval_batches = []
+    for batch in eval_iter:
+        eval_batches.append({k: np.asarray(batch[k]) for k in BATCH_KEYS})
+        if len(eval_batches) >= n_eval:
+            break
+    if not eval_batches:
+        raise ValueError(f"the eval corpus {eval_source!r} produced no batches")
+
+    # --- model, optimiser, sharded state
+    model = Llama(model_config)
+    steps = int(cfg.train.steps)
+    optim_cfg = dict(cfg.optim)
+    if optim_cfg.get("eps") is None:  # the family's value (Llama 2 sec. 2.2: 1e-5)
+        optim_cfg["eps"] = model_config.optimizer_eps
+    optimizer, schedule = make_optimizer(optim_cfg, steps)
+    rules = mesh_lib.DEFAULT_RULES
+    init_fn = make_init_fn(model, optimizer)
+    abstract, shardings = mesh_lib.abstract_state(
+        init_fn, jax.random.key_data(jax.random.key(0)), mesh=mesh, rules=rules
+    )
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=int(cfg.train.keep_checkpoints),
+        async_save=bool(cfg.train.get("async_checkpoints", True)),
+    )
+    start = ckpt.latest_step()
+    if start is not None:
+        say(f"resuming from checkpoint step {start}")
+        state = ckpt.restore(abstract, train_iter)
+    else:
+        rng = jax.random.key_data(jax.random.key(int(cfg.train.seed)))
+        state, _ = mesh_lib.init_sharded(init_fn, rng, mesh, rules)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    say(
+        f"model: {n_params / 1e6:.2f}M params, dim {model_config.dim}, "
+        f"{model_config.n_layers} layers, {model_config.n_heads} heads / "
+        f"{model_config.n_kv_heads} kv heads, vocab {model_config.vocab_size}, seq {seq_len}"
+    )
+
+    train_step = make_train_step(
+        model,
+        optimizer,
+        mesh=mesh,
+        state_shardings=shardings,
+        rules=rules,
+        grad_accum_steps=int(cfg.train.grad_accum_steps),
+        vocab_chunk=int(cfg.train.get("vocab_chunk") or 0),
+    )
+    eval_step = make_eval_step(
+        model,
+        mesh=mesh,
+        param_shardings=shardings.params,
+        rules=rules,
+        vocab_chunk=int(cfg.train.get("vocab_chunk") or 0),
+    )
+
+    def eval_fn(st):
+        total, count = 0.0, 0.0
+        for b in eval_batches:
+            s, n = eval_step(st.params, mesh_lib.shard_batch(b, mesh))
+            total += float(s)
+            count += float(n)
+        return {"eval_loss": total / max(count, 1.0)}
+
+    tokens_per_step = global_batch * seq_len
+    flops = flops_per_token(model_config, seq_len) * tokens_per_step
+    peak = matmul_peak_flops(model_config.dtype)
+    writer = MetricsWriter(workdir, tensorboard=bool(cfg.train.get("tensorboard", True)))
+    writer.write(
+        int(jax.device_get(state.step)),
+        {"n_params": n_params, "corpus_sha256": digest, "peak_flops": peak},
+    )
+    bar = ProgressBar(steps, initial=int(jax.device_get(state.step)), unit="tok", enabled=show)
+    bar_holder.append(bar)
+
+    history = {"loss": {}, "eval": {}}
+    try:
+        state, history = train_loop(
+            state,
+            train_step,
+            train_iter,
+            num_steps=steps,
+            put_batch=lambda b: mesh_lib.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh),
+            eval_fn=eval_fn,
+            eval_every=int(cfg.train.eval_every),
+            checkpointer=ckpt,
+            checkpoint_every=int(cfg.train.checkpoint_every),
+            writer=writer,
+            progress=bar,
+            log_every=int(cfg.train.log_every),
+            units_per_step=tokens_per_step,
+            unit="tokens",
+            flops_per_step=flops,
+            peak_flops=peak,
+            eval_at_start=bool(cfg.train.get("eval_at_start", True)) and start is None,
+        )
+    finally:
+        bar.close()
+        bar_holder.clear()
+        ckpt.close()
+        writer.close()
+
+    if not history["eval"]:
+        history["eval"][int(jax.device_get(state.step))] = eval_fn(state)
+    summary = {
+        "workdir": workdir,
+        "eval": history["eval"],
+        "loss": history["loss"],
+        "final_step": int(jax.device_get(state.step)),
+        "preempted": history.get("preempted", False),
+        "lr_final": float(schedule(steps)),
+    }
+    evals = sorted(history["eval"].items())
+    if len(evals) >= 2:
+        say(
+            f"eval loss: {evals[0][1]['eval_loss']:.4f} (step {evals[0][0]}) -> "
+            f"{evals[-1][1]['eval_loss']:.4f} (step {evals[-1][0]})"
+        )
+    prompt = cfg.train.get("sample_prompt") or ""
+    n_new = int(cfg.train.get("sample_tokens") or 0)
+    if prompt and n_new and not summary["preempted"]:
+        sample = greedy_sample(model, state.params, tokenizer, prompt, n_new)
+        summary["sample"] = sample
+        say("greedy sample:\n" + prompt + sample)
+    summary["seconds"] = time.perf_counter() - t_run
+    say(f"done in {summary['seconds']:.0f}s; workdir {workdir}")
+    return summary
+
+
+DEFAULT_CONFIG = "lm/default.py"
+DEFAULT_WORKDIR = os.path.join(".", "workdir", "lm")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m herd.lm.train [--config=path.py[:arg]] [--config.k=v] [--workdir=DIR]`."""
+    from absl import app, flags
+
+    from herd.core.config import define_config_flag
+
+    config_flag = define_config_flag(DEFAULT_CONFIG)
+    if "workdir" not in flags.FLAGS:
+        flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Checkpoints, metrics and logs go here.")
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        run(config_flag.value, flags.FLAGS.workdir)
+
+    app.run(_main, argv=list(argv) if argv is not None else sys.argv)
+
+
+if __name__ == "__main__":
+    main()
