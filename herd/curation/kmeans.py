@@ -98,7 +98,8 @@ def _bucket(n: int) -> int:
 def _row_layout(n: int, n_dev: int, tile: int) -> tuple[int, int]:
     """(tile, padded rows): rows per device is a multiple of tile."""
     per_dev = -(-n // n_dev)
-    tile = max(8, min(tile, -(-per_dev // 8) * 8))
+    if per_dev < tile:  # one tile per device, its size a power of two (few shapes)
+        tile = max(64, 1 << (per_dev - 1).bit_length())
     n_tiles = _bucket(-(-per_dev // tile))
     return tile, n_tiles * tile * n_dev
 
