@@ -626,6 +626,10 @@ def make_lm_dataset(
         source_name=src.name,
     )
     if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
+            flags.FLAGS.mark_as_parsed()
         return packed.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return packed
 
