@@ -411,6 +411,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._exhausted = False
         self.counters: dict[str, int] = {"docs": 0, "tokens": 0, "rows": 0, "batches": 0}
         self._skips_in_a_row = 0
+        self._logged_end = False
 
     # -- documents ---------------------------------------------------------------------------
     def _next_doc(self) -> bool:
@@ -505,6 +506,9 @@ class PackedBatchIterator(grain.DatasetIterator):
                 raise ValueError(
                     f"no usable document in {self.source_name} ({self._skip_summary()})"
                 )
+            if not self._logged_end:
+                self._logged_end = True
+                log.info("data: end of %s: %s", self.source_name, self.counters)
             raise StopIteration
         self.counters["batches"] += 1
         return out

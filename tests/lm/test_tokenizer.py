@@ -243,3 +243,20 @@ def test_tiktoken_bad_file(tmp_path):
     p.write_bytes(b"YQ== 0\nnot base64!! 1\n")
     with pytest.raises(ValueError, match="bad.tiktoken:2"):
         tl.TiktokenTokenizer(p)
+
+
+def test_llama_style_sentencepiece_model(tmp_path, files):
+    """A model with LLaMA's settings (dummy prefix, no pad piece): ids as SentencePiece gives
+    them (no exact-mode escaping), pad falls back to eos."""
+    import sentencepiece as spm
+
+    tok = tl.train_tokenizer(
+        files[:8], 600, tmp_path / "llama.model", max_sentences=5000, add_dummy_prefix=True,
+        pad_id=-1,
+    )  # fmt: skip
+    assert not tok.exact
+    assert tok.pad_id == tok.eos_id == 2
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "llama.model"))
+    for text in ["hello world", "a\u2581b", "  x = 1\n"]:
+        assert tok.encode(text) == ref.encode(text)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
