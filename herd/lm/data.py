@@ -159,7 +159,10 @@ class TextFileSource:
 
     def __init__(self, patterns: Sequence[str] | str):
         self.files = _expand(patterns, "text source")
-        self.name = f"text:{patterns if isinstance(patterns, str) else list(patterns)}"
+        if isinstance(patterns, (str, os.PathLike)):
+            self.name = f"text:{os.fspath(patterns)}"
+        else:
+            self.name = f"text:[{len(self.files)} files: {self.files[0]}, ...]"
 
     def __len__(self) -> int:
         return len(self.files)
