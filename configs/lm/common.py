@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         {
             "steps": 1000,
+            "stop_after": 0,  # > 0: stop this invocation at that step (resume later)
             "grad_accum_steps": 1,
             "vocab_chunk": 0,  # chunk of the vocabulary per cross-entropy step (0 = all)
             "eval_every": 100,

@@ -223,7 +223,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_tokens}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens}
         return new_state, metrics
 
     batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
@@ -277,7 +277,33 @@ def greedy_sample(model, params, tokenizer, prompt: str, max_new_tokens: int = 4
 # ------------------------------------------------------------------------ data set-up
 
 
-def _tokenizer_for(cfg, train_files: list[str], corpus_hash: str, say):
+def _sample_texts(src, n: int) -> list[str]:
+    """Up to `n` documents (evenly spread) of a herd.lm.data record source, as text."""
+    import json
+
+    count = len(src)
+    idx = range(count) if not n or count <= n else [int(i * count / n) for i in range(n)]
+    texts = []
+    for i in idx:
+        value = src[i]
+        if src.kind in ("json", "dict"):
+            try:
+                value = json.loads(value) if src.kind == "json" else value
+                value = value[src.field]
+            except (ValueError, KeyError, TypeError):
+                continue
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(value, str) and value:
+            texts.append(value)
+    return texts
+
+
+def _tokenizer_for(cfg, train_source, corpus_hash: str, say):
+    """The configured tokenizer file, or a SentencePiece BPE trained on the corpus (cached)."""
+    from herd.lm import data as data_lib
     from herd.lm import tokenizer as tok_lib
 
     vocab = int(cfg.model.vocab_size) if cfg.model.get("vocab_size") else None
@@ -289,22 +315,24 @@ def _tokenizer_for(cfg, train_files: list[str], corpus_hash: str, say):
     else:
         if not vocab:
             raise ValueError("data.tokenizer is empty and model.vocab_size is not set")
-        n_files = int(cfg.data.get("tokenizer_train_files") or 0)
-        files = train_files
-        if n_files and len(files) > n_files:
-            stride = len(files) / n_files
-            files = [files[int(i * stride)] for i in range(n_files)]
+        n_docs = int(cfg.data.get("tokenizer_train_files") or 0)
         model_path = os.path.join(
-            cache_dir(), "tokenizers", f"sp_{corpus_hash[:16]}_v{vocab}_f{n_files}.model"
+            cache_dir(), "tokenizers", f"sp_{corpus_hash[:16]}_v{vocab}_f{n_docs}.model"
         )
         if os.path.exists(model_path):
             say(f"tokenizer: cached {model_path}")
             tok = tok_lib.load_tokenizer(model_path)
         else:
+            if isinstance(train_source, list):  # text files: evenly spaced ones
+                docs = train_source
+                if n_docs and len(docs) > n_docs:
+                    docs = [docs[int(i * len(docs) / n_docs)] for i in range(n_docs)]
+            else:
+                docs = _sample_texts(data_lib.make_source(train_source), n_docs)
             os.makedirs(os.path.dirname(model_path), exist_ok=True)
-            say(f"tokenizer: training a {vocab}-token SentencePiece BPE on {len(files)} files")
+            say(f"tokenizer: training a {vocab}-token SentencePiece BPE on {len(docs)} documents")
             t0 = time.perf_counter()
-            tok = tok_lib.train_tokenizer(files, vocab, model_path)
+            tok = tok_lib.train_tokenizer(docs, vocab, model_path)
             say(f"tokenizer: {model_path} ({time.perf_counter() - t0:.1f}s)")
     if vocab and tok.vocab_size > vocab:
         raise ValueError(
@@ -315,7 +343,7 @@ def _tokenizer_for(cfg, train_files: list[str], corpus_hash: str, say):
 
 
 def _corpus(cfg, say):
-    """(train source, eval source, corpus hash) from cfg.data."""
+    """(train source, eval source, corpus hash) from cfg.data; raises if missing or empty."""
     from herd.lm import data as data_lib
 
     source = cfg.data.get("source") or ""
@@ -329,7 +357,10 @@ def _corpus(cfg, say):
         train_files, digest = data_lib.stdlib_files("train", eval_fraction=frac)
         eval_files, _ = data_lib.stdlib_files("eval", eval_fraction=frac)
         if not train_files or not eval_files:
-            raise ValueError("the interpreter's standard library has no *.py files to train on")
+            raise ValueError(
+                f"the standard library split has {len(train_files)} train and "
+                f"{len(eval_files)} eval files (data.eval_fraction {frac}): both must be > 0"
+            )
         say(
             f"corpus: stdlib {len(train_files)} train / {len(eval_files)} eval files, "
             f"file-list sha256 {digest[:16]}"
@@ -338,18 +369,14 @@ def _corpus(cfg, say):
     eval_source = cfg.data.get("eval_source") or ""
     if not eval_source:
         raise ValueError("data.eval_source is empty (set it when data.source is not 'stdlib')")
+    # make_source raises ValueError naming a missing glob or an empty corpus
+    n_train = len(data_lib.make_source(source))
+    n_eval = len(data_lib.make_source(eval_source))
     import hashlib
 
-    digest = hashlib.sha256(str(source).encode()).hexdigest()
+    digest = hashlib.sha256(f"{source}|{n_train}".encode()).hexdigest()
+    say(f"corpus: {source} ({n_train} records), eval {eval_source} ({n_eval} records)")
     return source, eval_source, digest
-
-
-def _train_files_list(source) -> list[str]:
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    import glob
-
-    return sorted(glob.glob(str(source).split(":")[-1]))
 
 
 # ------------------------------------------------------------------------------- run
@@ -359,7 +386,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     """Trains as `cfg` says in `workdir` (resuming if it holds checkpoints); returns a summary.
 
     summary: {'eval': {step: {'eval_loss': ...}}, 'loss': {step: train loss},
-              'sample': str, 'final_step': int, 'workdir': str, 'seconds': float}
+              'sample': str, 'final_step': int, 'workdir': str, 'seconds': float,
+              'state': the final TrainState}
     """
     from herd.lm import data as data_lib
     from herd.lm.model import Llama
@@ -382,13 +410,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     say(f"workdir: {workdir}")
     say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
     train_source, eval_source, digest = _corpus(cfg, say)
-    train_list = train_source if isinstance(train_source, list) else _train_files_list(train_source)
-    tokenizer = _tokenizer_for(cfg, train_list, digest, say)
+    tokenizer = _tokenizer_for(cfg, train_source, digest, say)
 
     seq_len = int(cfg.data.seq_len)
     global_batch = int(cfg.data.global_batch_size)
     local_batch = global_batch // jax.process_count()
     common = dict(
+        vocab_size=model_config.vocab_size,
         seq_len=seq_len,
         batch_size=local_batch,
         shard_index=jax.process_index(),
@@ -482,13 +510,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     bar = ProgressBar(steps, initial=int(jax.device_get(state.step)), unit="tok", enabled=show)
     bar_holder.append(bar)
 
+    # stop_after: end this invocation early (the schedule still spans train.steps); the
+    # next invocation resumes. Used to test resume and to split long jobs.
+    stop_after = int(cfg.train.get("stop_after") or 0)
+    num_steps = min(steps, stop_after) if stop_after else steps
     history = {"loss": {}, "eval": {}}
     try:
         state, history = train_loop(
             state,
             train_step,
             train_iter,
-            num_steps=steps,
+            num_steps=num_steps,
             put_batch=lambda b: mesh_lib.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh),
             eval_fn=eval_fn,
             eval_every=int(cfg.train.eval_every),
@@ -518,6 +550,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         "final_step": int(jax.device_get(state.step)),
         "preempted": history.get("preempted", False),
         "lr_final": float(schedule(steps)),
+        "state": state,
     }
     evals = sorted(history["eval"].items())
     if len(evals) >= 2:
@@ -553,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def _main(args):
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file at INFO
         run(config_flag.value, flags.FLAGS.workdir)
 
     app.run(_main, argv=list(argv) if argv is not None else sys.argv)
