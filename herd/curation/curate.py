@@ -1,0 +1,452 @@
+"""Curation entry: hierarchical k-means with resampling + balanced sampling (Vo et al. 2024).
+
+    python -m herd.curation.curate                      # the demo (no arguments)
+    python -m herd.curation.curate --config=configs/curation/web_4level.py \\
+        --config.input.embeddings=/data/emb.npy --workdir=/ckpt/curation
+
+With no arguments it runs the paper's 2-D experiment (flat vs hierarchical k-means, KL of
+the KDE of the final centroids to the uniform density) and curates a long-tailed mixture
+of 100 Gaussian concepts, printing the numbers and the paths of the plots it wrote.
+
+A curation run reads ``input.embeddings`` (an ``.npy`` file, opened as a memmap) or
+computes embeddings of ``embed.documents`` with a herd Llama, then writes into
+``--workdir``:
+
+  selected_indices.npy        the curated subset (sorted int64 row indices)
+  centroids_level<i>.npy      per-level centroids
+  assignment_level<i>.npy     per-level assignment of the items of the level below
+                              (points at level 0; -1 for excluded non-finite rows)
+  excluded_indices.npy        rows excluded because they hold NaN/inf
+  tree/                       the ClusterTree (each finished level saved; a rerun resumes)
+  summary.json                counts, sizes, timings, label statistics
+  cluster_sizes.png           cluster-size distribution per level
+  label_histograms.png        label frequencies before/after (when ``input.labels`` is set)
+
+Bad input fails early with one sentence naming the value: a non-2-D or non-floating
+array, k larger than the number of items at a level, a target larger than the pool. Rows
+with NaN/inf are excluded and counted (in the log and in summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger("herd.curation.curate")
+
+DEFAULT_CONFIG = "curation/default.py"
+DEFAULT_WORKDIR = "./workdir/curation"
+DTYPES = ("float32", "float64")
+SCAN_ROWS = 1 << 18  # rows per chunk when scanning a memmap for NaN/inf
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_embeddings(x) -> None:
+    """Raises ValueError unless x is a non-empty 2-D floating array."""
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        raise ValueError(f"embeddings must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D [n, d] array, got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"embeddings must have a floating dtype (float16/32/64), got {x.dtype}; "
+            "integer or boolean features are not embeddings"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"embeddings are empty: shape {tuple(x.shape)}")
+
+
+def nonfinite_rows(x, chunk_rows: int = SCAN_ROWS) -> np.ndarray:
+    """int64 indices of the rows of x holding any NaN or inf (scanned in chunks)."""
+    bad = []
+    for s in range(0, x.shape[0], chunk_rows):
+        block = np.asarray(x[s : s + chunk_rows])
+        bad.append(np.nonzero(~np.isfinite(block).all(axis=1))[0] + s)
+    return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
+
+
+def _per_level(value, n_levels: int, name: str) -> list[int]:
+    v = [int(value)] * n_levels if np.isscalar(value) else [int(t) for t in value]
+    if len(v) != n_levels:
+        raise ValueError(f"hierarchy.{name} has {len(v)} entries for {n_levels} levels")
+    if min(v) < 1:
+        raise ValueError(f"hierarchy.{name} entries must be >= 1, got {v}")
+    return v
+
+
+def check_hierarchy(h, n_valid: int | None = None) -> dict:
+    """Validates cfg.hierarchy; with n_valid also checks k against the items per level.
+
+    Returns the normalised arguments of hierarchical_kmeans."""
+    ks = [int(k) for k in h.ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"hierarchy.ks must be positive cluster counts, got {list(h.ks)}")
+    n = len(ks)
+    steps = _per_level(h.resampling_steps, n, "resampling_steps")
+    sizes = _per_level(h.sample_sizes, n, "sample_sizes")
+    if h.sample_strategy not in ("closest", "random"):
+        raise ValueError(
+            f"hierarchy.sample_strategy must be 'closest' or 'random', got {h.sample_strategy!r}"
+        )
+    if h.dtype not in DTYPES:
+        raise ValueError(f"hierarchy.dtype must be one of {DTYPES}, got {h.dtype!r}")
+    split = int(h.get("split_first") or 0) or None
+    if split is not None and ks[0] % split:
+        raise ValueError(f"hierarchy.split_first={split} does not divide ks[0]={ks[0]}")
+    if int(h.n_iters) < 0:
+        raise ValueError(f"hierarchy.n_iters must be >= 0, got {h.n_iters}")
+    if n_valid is not None and ks[0] > n_valid:
+        raise ValueError(
+            f"level 0: k={ks[0]} is larger than the number of points to cluster ({n_valid})"
+        )
+    for i in range(1, n):
+        if ks[i] > ks[i - 1]:
+            raise ValueError(
+                f"level {i}: k={ks[i]} is larger than the number of items at that level "
+                f"(the {ks[i - 1]} centroids of level {i - 1})"
+            )
+    return dict(
+        ks=ks,
+        resampling_steps=steps,
+        sample_sizes=sizes,
+        n_iters=int(h.n_iters),
+        split_first=split,
+        sample_strategy=h.sample_strategy,
+        dtype=np.dtype(h.dtype),
+    )
+
+
+def target_size_for(sampling, n_valid: int) -> int:
+    """cfg.sampling.target_size if > 0, else round(target_fraction * n_valid)."""
+    t = int(sampling.get("target_size") or 0)
+    if t <= 0:
+        frac = float(sampling.get("target_fraction") or 0)
+        if not 0 < frac <= 1:
+            raise ValueError(
+                f"set sampling.target_size > 0 or sampling.target_fraction in (0, 1], got "
+                f"target_size={sampling.get('target_size')}, target_fraction={frac}"
+            )
+        t = max(1, int(round(frac * n_valid)))
+    if t > n_valid:
+        raise ValueError(f"target size {t} is larger than the pool of {n_valid} usable points")
+    return t
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _load_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
+    inp = cfg.input
+    path = inp.get("embeddings") or ""
+    synthetic = inp.get("synthetic") or ""
+    if path:
+        if not os.path.exists(path):
+            raise ValueError(f"input.embeddings {path!r} does not exist")
+        try:
+            x = np.load(path, mmap_mode="r")
+        except ValueError as e:  # object arrays and the like
+            raise ValueError(f"input.embeddings {path!r} is not a plain .npy array: {e}") from e
+        return x, dict(source=os.path.abspath(path))
+    if synthetic:
+        if synthetic != "long_tail":
+            raise ValueError(f"input.synthetic must be '' or 'long_tail', got {synthetic!r}")
+        from herd.curation.experiments import make_long_tailed_mixture
+
+        x, labels = make_long_tailed_mixture(seed=int(cfg.seed), **dict(inp.synthetic_kw))
+        out = os.path.join(workdir, "embeddings.npy")
+        np.save(out, x)
+        np.save(os.path.join(workdir, "labels.npy"), labels)
+        say(f"synthetic long-tailed mixture: {x.shape} -> {out}")
+        return np.load(out, mmap_mode="r"), dict(
+            source="synthetic:long_tail", labels=os.path.join(workdir, "labels.npy")
+        )
+    if cfg.embed.get("documents"):
+        return _compute_embeddings(cfg, workdir, say)
+    raise ValueError(
+        "nothing to curate: set input.embeddings to an .npy file, input.synthetic to "
+        "'long_tail', or embed.documents (with embed.checkpoint) to compute embeddings"
+    )
+
+
+def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
+    """Embeds cfg.embed.documents with the Llama of cfg.embed.checkpoint (a herd LM workdir)."""
+    from herd.core.config import load_config
+    from herd.curation import embed as embed_lib
+    from herd.lm.tokenizer import load_tokenizer
+    from herd.lm.train import build_model_config
+
+    e = cfg.embed
+    for key in ("checkpoint", "tokenizer", "model_config"):
+        if not e.get(key):
+            raise ValueError(f"embed.documents is set but embed.{key} is empty")
+    model_config = build_model_config(load_config(e.model_config).model)
+    tokenizer = load_tokenizer(e.tokenizer)
+    params = embed_lib.load_params(e.checkpoint, None if int(e.step) < 0 else int(e.step))
+    names, texts = embed_lib.read_documents(e.documents)
+    out = os.path.join(workdir, "embeddings.npy")
+    say(f"embedding {len(texts)} documents with {e.checkpoint} -> {out}")
+    x, info = embed_lib.embed_texts(
+        texts,
+        tokenizer,
+        params,
+        model_config,
+        out,
+        seq_len=int(e.seq_len),
+        batch_size=int(e.batch_size),
+    )
+    with open(os.path.join(workdir, "documents.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    return x, dict(source=f"embed:{e.documents}", **info)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _entropy(labels) -> float:
+    counts = np.bincount(labels[labels >= 0])
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(-(p * np.log(p)).sum())
+
+
+def _label_stats(labels, selected, seed: int) -> dict:
+    rand = np.random.default_rng([seed, 11]).choice(
+        np.nonzero(labels >= 0)[0], size=min(len(selected), int((labels >= 0).sum())), replace=False
+    )
+    n_labels = int(labels.max()) + 1 if labels.size else 0
+    return dict(
+        n_labels=n_labels,
+        entropy_max=float(np.log(max(n_labels, 1))),
+        entropy_pool=_entropy(labels),
+        entropy_curated=_entropy(labels[selected]),
+        entropy_random_same_size=_entropy(labels[rand]),
+        labels_covered_pool=int(np.unique(labels[labels >= 0]).size),
+        labels_covered_curated=int(np.unique(labels[selected][labels[selected] >= 0]).size),
+        labels_covered_random_same_size=int(np.unique(labels[rand]).size),
+    )
+
+
+def curate(cfg, workdir: str, *, say=print) -> dict:
+    """Runs one curation as ``cfg`` says; writes the outputs into ``workdir``; returns the
+    summary (also written to ``workdir/summary.json``)."""
+    from herd.curation.hierarchical import hierarchical_kmeans
+    from herd.curation.sampling import balanced_sample, points_per_cluster
+
+    t0 = time.perf_counter()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    check_hierarchy(cfg.hierarchy)  # config errors before reading anything
+    x, source = _load_embeddings(cfg, workdir, say)
+    check_embeddings(x)
+    n, d = x.shape
+    bad = nonfinite_rows(x)
+    n_valid = n - bad.size
+    if bad.size:
+        msg = f"excluding {bad.size} of {n} rows holding NaN/inf (first: {bad[:10].tolist()})"
+        log.warning(msg)
+        say(msg)
+    np.save(os.path.join(workdir, "excluded_indices.npy"), bad)
+    if n_valid == 0:
+        raise ValueError(f"all {n} embedding rows hold NaN/inf: nothing to curate")
+    hk = check_hierarchy(cfg.hierarchy, n_valid)
+    target = target_size_for(cfg.sampling, n_valid)
+    labels = None
+    labels_path = cfg.input.get("labels") or source.get("labels") or ""
+    if labels_path:
+        labels = np.load(labels_path)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels {labels_path!r} must be an integer array of shape ({n},), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+    say(
+        f"curating {n_valid} of {n} points (dim {d}, {x.dtype}) -> {target}: "
+        f"ks={hk['ks']}, resampling steps {hk['resampling_steps']}, "
+        f"points per cluster {hk['sample_sizes']}, {hk['n_iters']} Lloyd iterations, "
+        f"{hk['dtype'].name}"
+    )
+
+    t1 = time.perf_counter()
+    tree = hierarchical_kmeans(
+        x,
+        hk["ks"],
+        resampling_steps=hk["resampling_steps"],
+        sample_sizes=hk["sample_sizes"],
+        n_iters=hk["n_iters"],
+        seed=int(cfg.seed),
+        split_first=hk["split_first"],
+        sample_strategy=hk["sample_strategy"],
+        workdir=os.path.join(workdir, "tree"),
+        dtype=hk["dtype"],
+        verbose=True,
+    )
+    t_cluster = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    strategy = cfg.sampling.strategy
+    selected = balanced_sample(tree, target, strategy=strategy, seed=int(cfg.sampling.seed))
+    t_sample = time.perf_counter() - t1
+    if bad.size and np.isin(selected, bad).any():  # the tree never lists excluded rows
+        raise AssertionError("a non-finite row was selected")
+
+    paths = dict(selected=os.path.join(workdir, "selected_indices.npy"))
+    np.save(paths["selected"], selected)
+    pts = points_per_cluster(tree)
+    levels = []
+    for i, lv in enumerate(tree.levels):
+        cpath = os.path.join(workdir, f"centroids_level{i}.npy")
+        apath = os.path.join(workdir, f"assignment_level{i}.npy")
+        np.save(cpath, lv.centroids)
+        np.save(apath, lv.assignment)
+        sizes = pts[i]
+        levels.append(
+            dict(
+                k=lv.k,
+                k_requested=hk["ks"][i],
+                n_items=lv.n_items,
+                points_per_cluster=dict(
+                    min=int(sizes.min()),
+                    median=float(np.median(sizes)),
+                    mean=float(sizes.mean()),
+                    max=int(sizes.max()),
+                    empty=int((sizes == 0).sum()),
+                ),
+                centroids=cpath,
+                assignment=apath,
+            )
+        )
+    if cfg.get("plots", True):
+        from herd.curation import plots
+
+        paths["cluster_sizes_png"] = plots.plot_cluster_sizes(
+            tree, os.path.join(workdir, "cluster_sizes.png")
+        )
+        if labels is not None:
+            paths["label_histograms_png"] = plots.plot_label_histograms(
+                labels, selected, os.path.join(workdir, "label_histograms.png")
+            )
+    summary = dict(
+        input=source,
+        n_points=int(n),
+        dim=int(d),
+        input_dtype=str(x.dtype),
+        n_excluded_nonfinite=int(bad.size),
+        excluded_nonfinite_first=bad[:100].tolist(),
+        n_valid=int(n_valid),
+        target_size=int(target),
+        n_selected=int(selected.size),
+        sampling_strategy=strategy,
+        hierarchy=dict(
+            ks=hk["ks"],
+            resampling_steps=hk["resampling_steps"],
+            sample_sizes=hk["sample_sizes"],
+            n_iters=hk["n_iters"],
+            split_first=hk["split_first"],
+            sample_strategy=hk["sample_strategy"],
+            dtype=hk["dtype"].name,
+        ),
+        levels=levels,
+        seconds=dict(
+            clustering=round(t_cluster, 3),
+            sampling=round(t_sample, 3),
+            total=round(time.perf_counter() - t0, 3),
+        ),
+        outputs=dict(
+            paths,
+            excluded=os.path.join(workdir, "excluded_indices.npy"),
+            tree=os.path.join(workdir, "tree"),
+        ),
+    )
+    if labels is not None:
+        summary["labels"] = dict(path=labels_path, **_label_stats(labels, selected, int(cfg.seed)))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    summary["outputs"]["summary"] = os.path.join(workdir, "summary.json")
+    say(
+        f"selected {selected.size} points in {summary['seconds']['total']:.1f}s "
+        f"(clustering {t_cluster:.1f}s, sampling {t_sample:.2f}s) -> {paths['selected']}"
+    )
+    return summary
+
+
+def run_demo(cfg, workdir: str, *, say=print) -> dict:
+    """The 2-D experiment and a curated long-tailed mixture; prints numbers and plot paths."""
+    from herd.curation import experiments, plots
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    dm = cfg.demo
+    say("2-D experiment (Vo et al. 2024): 7000 N([-1,-1]), 1000 N([1,-1]), 500 N([0,1]), "
+        f"500 uniform; ks {list(dm.ks)}, points per cluster {list(dm.sample_sizes)}, "
+        f"{dm.resampling_steps} resampling steps, {dm.n_iters} Lloyd iterations")  # fmt: skip
+    t0 = time.perf_counter()
+    r = experiments.run_2d_experiment(
+        seed=int(cfg.seed),
+        ks=tuple(dm.ks),
+        sample_sizes=tuple(dm.sample_sizes),
+        resampling_steps=int(dm.resampling_steps),
+        n_iters=int(dm.n_iters),
+    )
+    png = plots.plot_2d_experiment(r, os.path.join(workdir, "2d_experiment.png"))
+    kl = {k: round(r[k], 4) for k in ("kl_flat", "kl_hierarchical", "kl_bound")}
+    say(
+        f"  KL(KDE of {dm.ks[-1]} centroids || uniform): flat k-means {kl['kl_flat']:.3f}, "
+        f"hierarchical with resampling {kl['kl_hierarchical']:.3f}, bound (uniform points) "
+        f"{kl['kl_bound']:.3f}   (paper's reference run: 0.35, 0.054, 0.047) "
+        f"[{time.perf_counter() - t0:.0f}s]"
+    )
+    say(f"  plot: {png}")
+    with open(os.path.join(workdir, "2d_experiment.json"), "w") as f:
+        json.dump(kl, f, indent=1)
+
+    say("long-tailed mixture: 100 Gaussian concepts with Zipf sizes, curated to 10%")
+    lt = curate(cfg.long_tail, os.path.join(workdir, "long_tail"), say=lambda s: say("  " + s))
+    lab = lt["labels"]
+    say(
+        f"  concept entropy (nats, max {lab['entropy_max']:.2f}): pool {lab['entropy_pool']:.2f}, "
+        f"random 10% {lab['entropy_random_same_size']:.2f} "
+        f"({lab['labels_covered_random_same_size']} concepts), curated 10% "
+        f"{lab['entropy_curated']:.2f} ({lab['labels_covered_curated']} concepts)"
+    )
+    for key in ("cluster_sizes_png", "label_histograms_png"):
+        say(f"  plot: {lt['outputs'][key]}")
+    return dict(two_d=kl, long_tail=lt)
+
+
+def run(cfg, workdir: str) -> dict:
+    if cfg.mode == "demo":
+        return run_demo(cfg, workdir)
+    if cfg.mode == "curate":
+        return curate(cfg, workdir)
+    raise ValueError(f"mode must be 'demo' or 'curate', got {cfg.mode!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m herd.curation.curate [--config=path.py[:arg]] [--config.k=v] [--workdir=DIR]`."""
+    from absl import app, flags
+
+    from herd.core.config import define_config_flag
+
+    config_flag = define_config_flag(DEFAULT_CONFIG)
+    if "workdir" not in flags.FLAGS:
+        flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Outputs (indices, tree, plots) go here.")
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        run(config_flag.value, flags.FLAGS.workdir)
+
+    app.run(_main, argv=list(argv) if argv is not None else sys.argv)
+
+
+if __name__ == "__main__":
+    main()

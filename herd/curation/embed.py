@@ -1,0 +1,262 @@
+"""Embeddings of a dataset from a herd model, written as an ``.npy`` memmap in chunks.
+
+The core, :func:`embed_to_npy`, takes any jittable ``embed_fn(params, batch) -> [B, dim]``
+and an iterable of host batches (dicts of numpy arrays with a leading batch dimension),
+shards each batch over the mesh along the batch (the ``('data', 'fsdp')`` axes), and
+writes the rows into ``np.lib.format.open_memmap`` chunk by chunk, so the output never
+has to fit in memory and can be read back as a memmap by the clustering. Image encoders
+plug in by passing their own ``embed_fn``.
+
+For text and code, :func:`llama_embed_fn` mean-pools the final normed hidden states of a
+herd Llama over the non-padding tokens (Vo et al. 2024 use the mean of the last layer's
+token features for their text experiments), and :func:`embed_texts` tokenises documents
+one per row (truncated to ``seq_len``, counted) and runs the whole thing.
+
+Parameters come in directly (``params``, a pytree matching ``Llama(config)``), or from a
+herd LM workdir with :func:`load_params` (the orbax checkpoints written by
+``herd.lm.train``; only the ``params`` of the train state are read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "embed_to_npy",
+    "llama_embed_fn",
+    "tokenize_batches",
+    "embed_texts",
+    "load_params",
+    "read_documents",
+]
+
+
+def embed_to_npy(
+    embed_fn: Callable,
+    params,
+    batches: Iterable[dict],
+    out_path: str,
+    n_rows: int,
+    *,
+    mesh=None,
+    dtype=np.float32,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Runs ``embed_fn(params, batch)`` over ``batches`` and writes ``[n_rows, dim]`` to an .npy.
+
+    Args:
+      embed_fn: jittable ``(params, batch) -> [B, dim]`` float array.
+      params: the model parameters (any pytree; already sharded or host arrays).
+      batches: iterable of dicts of numpy arrays ``[B, ...]``; B is the same for all
+        batches and divisible by the mesh's data-parallel size. A batch may carry
+        ``'n_valid'`` (an int): only its first ``n_valid`` rows are written (the last batch
+        is padded to B).
+      out_path: the ``.npy`` file (written through ``np.lib.format.open_memmap``).
+      n_rows: total number of rows to write (the sum of the batches' valid rows).
+      mesh: a ``jax.sharding.Mesh`` with the ('data', 'fsdp', 'tensor') axes; default: all
+        devices on 'fsdp'.
+
+    Returns: the memmap (opened read-only again), shape ``[n_rows, dim]``.
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    from herd.core import mesh as mesh_lib
+
+    if mesh is None:
+        mesh = mesh_lib.make_mesh({"fsdp": -1})
+    dp = mesh_lib.data_parallel_size(mesh)
+    fn = jax.jit(embed_fn)
+    out = None
+    written = 0
+    bar = tqdm(total=n_rows, desc=desc, unit="doc", disable=not progress)
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            n_valid = int(batch.pop("n_valid", -1))
+            arrays = {k: np.asarray(v) for k, v in batch.items()}
+            b = next(iter(arrays.values())).shape[0]
+            if n_valid < 0:
+                n_valid = b
+            if b % dp:
+                raise ValueError(
+                    f"batch size {b} is not divisible by the data-parallel size {dp} of the "
+                    f"mesh {dict(mesh.shape)}"
+                )
+            if written + n_valid > n_rows:
+                raise ValueError(f"the batches hold more than n_rows={n_rows} rows")
+            with jax.set_mesh(mesh):
+                emb = fn(params, mesh_lib.shard_batch(arrays, mesh))
+            emb = np.asarray(jax.device_get(emb))
+            if emb.ndim != 2 or emb.shape[0] != b:
+                raise ValueError(f"embed_fn returned shape {emb.shape}, expected [{b}, dim]")
+            if out is None:
+                os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+                out = np.lib.format.open_memmap(
+                    out_path, mode="w+", dtype=dtype, shape=(n_rows, emb.shape[1])
+                )
+            out[written : written + n_valid] = emb[:n_valid]
+            written += n_valid
+            bar.update(n_valid)
+    finally:
+        bar.close()
+    if out is None:
+        raise ValueError("no batches to embed")
+    if written != n_rows:
+        raise ValueError(f"the batches held {written} rows, not n_rows={n_rows}")
+    out.flush()
+    del out
+    return np.load(out_path, mmap_mode="r")
+
+
+def llama_embed_fn(config) -> Callable:
+    """``(params, batch) -> [B, dim]`` float32: the mean of the final normed hidden states
+    of ``Llama(config)`` over the tokens where ``batch['mask']`` is 1.
+
+    ``batch``: 'tokens' int32 [B, T], 'mask' [B, T] (1 = token, 0 = padding); optional
+    'positions'. Padding gets segment id 0, so real tokens never attend to it, and it is
+    left out of the mean (a row without tokens embeds to zeros).
+    """
+    import jax.numpy as jnp
+
+    from herd.lm.model import Llama
+
+    model = Llama(config)
+
+    def embed_fn(params, batch):
+        tokens = batch["tokens"].astype(jnp.int32)
+        mask = batch["mask"].astype(jnp.int32)
+        positions = batch.get("positions")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        hidden = model.apply(
+            {"params": params}, tokens, positions, segment_ids=mask, return_hidden=True
+        )
+        keep = mask[:, :, None] > 0
+        total = jnp.sum(jnp.where(keep, hidden.astype(jnp.float32), 0.0), axis=1)
+        count = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.float32), 1.0)
+        return total / count[:, None]
+
+    return embed_fn
+
+
+def tokenize_batches(
+    token_lists: Sequence[Sequence[int]],
+    seq_len: int,
+    batch_size: int,
+    *,
+    vocab_size: int | None = None,
+):
+    """Yields ``{'tokens', 'mask', 'n_valid'}`` batches, one document per row, right-padded
+    to ``seq_len`` (longer documents are truncated: :func:`count_truncated` counts them).
+    The last batch is padded with empty rows to ``batch_size``."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    n = len(token_lists)
+    for start in range(0, n, batch_size):
+        chunk = token_lists[start : start + batch_size]
+        tokens = np.zeros((batch_size, seq_len), np.int32)
+        mask = np.zeros((batch_size, seq_len), np.int32)
+        for i, ids in enumerate(chunk):
+            ids = np.asarray(ids[:seq_len], dtype=np.int64)
+            if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+                raise ValueError(
+                    f"document {start + i} has token id {bad} outside the vocabulary "
+                    f"[0, {vocab_size})"
+                )
+            tokens[i, : ids.size] = ids
+            mask[i, : ids.size] = 1
+        yield {"tokens": tokens, "mask": mask, "n_valid": len(chunk)}
+
+
+def count_truncated(token_lists: Sequence[Sequence[int]], seq_len: int) -> int:
+    return int(sum(len(t) > seq_len for t in token_lists))
+
+
+def read_documents(source: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """(names, texts): one document per file. ``source``: 'stdlib' (the interpreter's
+    standard library, herd's embedded default corpus), a glob, or a list of paths/globs."""
+    import glob
+
+    if source == "stdlib":
+        from herd.lm.data import stdlib_files
+
+        files, _ = stdlib_files("all")
+    else:
+        patterns = [source] if isinstance(source, str) else list(source)
+        files = []
+        for p in patterns:
+            hits = sorted(glob.glob(p, recursive=True))
+            if not hits:
+                raise ValueError(f"no files match {p!r}")
+            files.extend(h for h in hits if os.path.isfile(h))
+    texts = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            texts.append(fh.read())
+    return files, texts
+
+
+def embed_texts(
+    texts: Sequence[str],
+    tokenizer,
+    params,
+    config,
+    out_path: str,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    mesh=None,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Tokenises ``texts`` (BOS + text, truncated to ``seq_len``) and writes their Llama
+    embeddings to ``out_path``. Returns (memmap [n, dim], info with counts)."""
+    token_lists = [tokenizer.encode(t, bos=True) for t in texts]
+    n_trunc = count_truncated(token_lists, seq_len)
+    n_empty = int(sum(len(t) == 0 for t in token_lists))
+    if n_trunc:
+        log.info("embed: %d of %d documents truncated to %d tokens", n_trunc, len(texts), seq_len)
+    emb = embed_to_npy(
+        llama_embed_fn(config),
+        params,
+        tokenize_batches(token_lists, seq_len, batch_size, vocab_size=config.vocab_size),
+        out_path,
+        len(token_lists),
+        mesh=mesh,
+        progress=progress,
+    )
+    info = dict(n_documents=len(texts), n_truncated=n_trunc, n_empty=n_empty, seq_len=seq_len)
+    return emb, info
+
+
+def load_params(workdir: str, step: int | None = None):
+    """The ``params`` of a herd LM checkpoint (``<workdir>/checkpoints/<step>/state``),
+    restored by orbax as host arrays without needing the optimiser's structure.
+    ``step``: default the latest. Also accepts the ``checkpoints`` directory itself."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(workdir)
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"checkpoint directory {directory!r} does not exist")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    if not steps:
+        raise ValueError(f"no checkpoint steps in {directory!r}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise ValueError(f"no checkpoint step {step} in {directory!r} (steps: {steps})")
+    path = os.path.join(directory, str(step), "state")
+    state = ocp.StandardCheckpointer().restore(path)
+    params = state["params"] if isinstance(state, dict) and "params" in state else None
+    if params is None:
+        raise ValueError(f"checkpoint {path!r} holds no 'params' entry")
+    return params
