@@ -8,7 +8,8 @@ Public API (INTERFACES.md)::
         add_bos=True, add_eos=True, packing='concat', vocab_size=None, read_threads=2)
         -> grain DatasetIterator yielding batch dicts (see below); shard_index/shard_count
         None mean jax.process_index()/jax.process_count().
-    make_source(source) -> a random-access record source (len, [i], describe(i))
+    make_source(source) -> a random-access record source (len, [i], describe(i), kind, field)
+    sample_texts(source, n=0) -> list[str]  # documents as text (corrupt ones skipped)
     PackedBatchIterator.counters  # docs, tokens, rows, skipped_* (corrupt records)...
 
 Sources (``source`` argument): a list of paths/globs (text files, one document per file), or a
@@ -321,6 +322,29 @@ def make_source(source, *, tfds_data_dir: str | None = None):
     return src
 
 
+def record_text(src, index: int) -> str | Skipped:
+    """The text of record ``index`` of a source, or a Skipped marker (bad UTF-8/JSON, ...)."""
+    value = _Tokenize.extract(src, index)
+    if isinstance(value, (Skipped, str)):
+        return value
+    return Skipped("bad_tokens", src.describe(index), "record holds token ids, not text")
+
+
+def sample_texts(source, n: int = 0) -> list[str]:
+    """Up to ``n`` documents (evenly spread; 0 = all) of a source (spec or record source) as
+    text, skipping corrupt/empty records: e.g. a corpus for ``train_tokenizer(...,
+    input_kind='texts')``."""
+    src = make_source(source)
+    count = len(src)
+    idx = range(count) if not n or count <= n else [int(i * count / n) for i in range(n)]
+    out = []
+    for i in idx:
+        value = record_text(src, i)
+        if isinstance(value, str) and value:
+            out.append(value)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenization (a grain map) and packing (a grain IterDataset)
 # --------------------------------------------------------------------------------------------
@@ -344,8 +368,9 @@ class _Tokenize:
         self.add_bos, self.add_eos = add_bos, add_eos
         self.vocab_size = vocab_size
 
-    def __call__(self, index: int):
-        src = self.source
+    @staticmethod
+    def extract(src, index: int):
+        """The record's text (str), token ids (list/array), or Skipped."""
         record = src[index]
         kind, field = src.kind, src.field
         value: Any = record
@@ -363,23 +388,34 @@ class _Tokenize:
             value = value[field]
             if isinstance(value, np.ndarray) and value.dtype.kind in "SUO" and value.ndim == 0:
                 value = value.item()
-        if isinstance(value, (list, np.ndarray)) and not isinstance(value, (str, bytes)):
+        if isinstance(value, (list, np.ndarray)):
+            return value
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return Skipped("bad_utf8", src.describe(index), str(e)[:100])
+        if not isinstance(value, str):
+            return Skipped("missing_field", src.describe(index), f"{type(value).__name__}")
+        if not value:
+            return Skipped("empty", src.describe(index))
+        return value
+
+    def __call__(self, index: int):
+        src = self.source
+        value = self.extract(src, index)
+        if isinstance(value, Skipped):
+            return value
+        if isinstance(value, (list, np.ndarray)):
             arr = np.asarray(value)
+            if arr.size == 0:
+                return Skipped("empty", src.describe(index))
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
                 return Skipped("bad_tokens", src.describe(index), f"dtype {arr.dtype}")
             ids = arr.astype(np.int64).tolist()
             ids = ([self.tokenizer.bos_id] if self.add_bos else []) + ids
             ids += [self.tokenizer.eos_id] if self.add_eos else []
         else:
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return Skipped("bad_utf8", src.describe(index), str(e)[:100])
-            if not isinstance(value, str):
-                return Skipped("missing_field", src.describe(index), f"{type(value).__name__}")
-            if not value:
-                return Skipped("empty", src.describe(index))
             ids = self.tokenizer.encode(value, bos=self.add_bos, eos=self.add_eos)
         tokens = np.asarray(ids, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):

@@ -493,7 +493,7 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> SentencePieceTokenizer 
     return SentencePieceTokenizer(path, **kwargs)
 
 
-def _iter_documents(texts_or_files) -> Iterator[str]:
+def _iter_documents(texts_or_files, input_kind: str = "auto") -> Iterator[str]:
     """Yields documents: file contents (paths) or the strings themselves (texts).
 
     Items that are os.PathLike are files. When all items are ``str``, they are files when the
@@ -515,8 +515,14 @@ def _iter_documents(texts_or_files) -> Iterator[str]:
             first = next(texts_or_files)
         except StopIteration:
             raise ValueError("train_tokenizer: the corpus is empty") from None
-        as_files = isinstance(first, os.PathLike) or (
-            isinstance(first, str) and "\n" not in first and os.path.isfile(first)
+        if input_kind not in ("auto", "files", "texts"):
+            raise ValueError(f"input_kind must be 'auto', 'files' or 'texts', got {input_kind!r}")
+        as_files = input_kind == "files" or (
+            input_kind == "auto"
+            and (
+                isinstance(first, os.PathLike)
+                or (isinstance(first, str) and "\n" not in first and os.path.isfile(first))
+            )
         )
         texts_or_files = _chain([first], texts_or_files)
     for item in texts_or_files:
@@ -542,7 +548,7 @@ def _chain(*its):
 
 
 def _training_sentences(
-    texts_or_files, max_sentences: int, max_sentence_length: int, seed: int
+    texts_or_files, max_sentences: int, max_sentence_length: int, seed: int, input_kind: str
 ) -> tuple[list[str], int]:
     """Lines of the corpus ('\\n' removed; lines longer than max_sentence_length bytes cut into
     pieces), reservoir-sampled down to max_sentences with a seeded RNG (deterministic)."""
@@ -550,7 +556,7 @@ def _training_sentences(
     sample: list[str] = []
     n = 0
     max_chars = max(1, max_sentence_length // 4)  # a char is at most 4 utf-8 bytes
-    for doc in _iter_documents(texts_or_files):
+    for doc in _iter_documents(texts_or_files, input_kind):
         for line in doc.split("\n"):
             if not line:
                 continue
@@ -581,11 +587,14 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     user_defined_symbols: Sequence[str] = ("\n",),
     num_threads: int | None = None,
+    input_kind: str = "auto",
     **extra_trainer_options,
 ) -> SentencePieceTokenizer:
     """Trains a SentencePiece BPE model for code and writes it (atomically) to ``model_path``.
 
-    texts_or_files: file paths (or a glob), or an iterable of document strings. The corpus is
+    texts_or_files: file paths (or a glob), or an iterable of document strings
+    (``input_kind='files'|'texts'`` says which; 'auto': os.PathLike items, or str items whose
+    first is an existing file's path, are files; otherwise texts). The corpus is
     cut into lines (SentencePiece's unit), lines longer than ``max_sentence_length`` bytes are
     cut into pieces (never dropped, never a crash) and at most ``max_sentences`` lines are kept
     by seeded reservoir sampling, so training is fast and deterministic.
@@ -599,7 +608,7 @@ def train_tokenizer(
 
     model_path = os.fspath(model_path)
     sentences, n_total = _training_sentences(
-        texts_or_files, max_sentences, max_sentence_length, seed
+        texts_or_files, max_sentences, max_sentence_length, seed, input_kind
     )
     if not sentences:
         raise ValueError("train_tokenizer: the corpus has no non-empty lines")

@@ -503,3 +503,18 @@ def test_tfds_source_real_dataset_built_without_tensorflow(tmp_path):
     )  # fmt: skip
     texts = [TOK.decode(i) for b in it for i, _, _ in pieces([b])]
     assert sorted(texts) == ["doc 0 \u00e9\n\tx", "doc 1 \u00e9\n\tx"]
+
+
+def test_sample_texts_for_tokenizer_training(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [json.dumps({"text": f"doc {i}"}) for i in range(10)] + ["{bad", '{"text": [1, 2]}']
+    p.write_text("\n".join(rows) + "\n")
+    assert dl.sample_texts(f"jsonl:{p}") == [f"doc {i}" for i in range(10)]
+    assert dl.sample_texts(f"jsonl:{p}", 4) == ["doc 0", "doc 3", "doc 6", "doc 9"]
+    one_line = tmp_path / "doc 0"  # a text that is also a file name: say which it is
+    one_line.write_text("file body")
+    tok = tl.train_tokenizer(
+        ["doc 0"] * 50 + ["def f():\n\treturn 1\n"] * 50, 285, tmp_path / "t.model",
+        input_kind="texts",
+    )  # fmt: skip
+    assert tok.decode(tok.encode("doc 0")) == "doc 0"
