@@ -1,0 +1,299 @@
+"""The curation entry, the paper's experiments, Llama embeddings and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from herd.core.config import load_config
+from herd.curation import curate as curate_lib
+from herd.curation import experiments
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEST_CONFIG = os.path.join(REPO, "configs", "curation", "test.py")
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def test_kde_kl_of_uniform_points_is_small_and_of_a_blob_large():
+    rng = np.random.default_rng(0)
+    uni = experiments.kde_kl_to_uniform(rng.uniform(-3, 3, (300, 2)))
+    blob = experiments.kde_kl_to_uniform(rng.normal(-1, 0.5, (300, 2)))
+    assert 0 < uni < 0.1 < 1.0 < blob
+
+
+def test_2d_experiment_flat_vs_hierarchical_vs_bound():
+    """Vo et al. 2024, Sec. 5.1: reference run flat 0.35, hierarchical 0.054, bound 0.047.
+    10 resampling steps and 2 points per cluster as the paper; 10 Lloyd iterations per
+    k-means run instead of 50, to keep the test short (the demo runs 50)."""
+    r = experiments.run_2d_experiment(seed=0, n_iters=10, resampling_steps=10)
+    flat, hier, bound = r["kl_flat"], r["kl_hierarchical"], r["kl_bound"]
+    print(f"\nKL to uniform: flat {flat:.4f}, hierarchical {hier:.4f}, bound {bound:.4f}")
+    assert r["hierarchical_centroids"].shape == (300, 2)
+    assert flat > 4 * hier  # flat k-means is far from uniform
+    assert hier < 2 * bound  # hierarchical with resampling is close to the bound
+    assert 0.2 < flat < 0.6 and 0.02 < bound < 0.08
+
+
+def test_long_tailed_mixture_curated_entropy_far_above_random():
+    r = experiments.run_long_tail_experiment(
+        seed=0,
+        ks=(500, 100),
+        sample_sizes=(4, 2),
+        resampling_steps=3,
+        n_iters=10,
+        n_points=10_000,
+    )
+    print(
+        f"\nconcept entropy (max {r['entropy_max']:.3f}): pool {r['entropy_pool']:.3f}, "
+        f"random 10% {r['entropy_random']:.3f} ({r['concepts_covered_random']} concepts), "
+        f"curated 10% {r['entropy_curated']:.3f} ({r['concepts_covered_curated']} concepts)"
+    )
+    assert r["curated"].shape == (1000,) and np.unique(r["curated"]).size == 1000
+    assert r["entropy_curated"] > r["entropy_random"] + 1.0
+    assert r["entropy_curated"] > 0.95 * r["entropy_max"]
+    assert r["concepts_covered_curated"] >= r["concepts_covered_random"]
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def _write_inputs(tmp_path, n=1500, bad_rows=(3, 700)):
+    x, labels = experiments.make_long_tailed_mixture(
+        n_concepts=20, n_points=n, dim=8, zipf_exponent=1.2, seed=1
+    )
+    x = x.copy()
+    x[bad_rows[0], 2] = np.nan
+    x[bad_rows[1], 0] = np.inf
+    emb = str(tmp_path / "emb.npy")
+    lab = str(tmp_path / "labels.npy")
+    np.save(emb, x)
+    np.save(lab, labels)
+    return emb, lab
+
+
+def test_curate_entry_end_to_end_writes_everything(tmp_path):
+    """`python -m herd.curation.curate` on the test config; one NaN and one inf row."""
+    emb, lab = _write_inputs(tmp_path)
+    work = tmp_path / "work"
+    cmd = [
+        sys.executable,
+        "-m",
+        "herd.curation.curate",
+        f"--config={TEST_CONFIG}",
+        f"--config.input.embeddings={emb}",
+        f"--config.input.labels={lab}",
+        "--config.sampling.target_size=60",
+        f"--workdir={work}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "excluding 2 of 1500 rows" in out.stdout
+
+    sel = np.load(work / "selected_indices.npy")
+    assert sel.shape == (60,) and np.unique(sel).size == 60
+    assert not np.isin(sel, [3, 700]).any()
+    np.testing.assert_array_equal(np.load(work / "excluded_indices.npy"), [3, 700])
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["n_excluded_nonfinite"] == 2
+    assert summary["excluded_nonfinite_first"] == [3, 700]
+    assert summary["n_valid"] == 1498 and summary["n_selected"] == 60
+    assert [lv["k"] for lv in summary["levels"]] == [40, 10]
+    for i, k in enumerate((40, 10)):
+        c = np.load(work / f"centroids_level{i}.npy")
+        a = np.load(work / f"assignment_level{i}.npy")
+        assert c.shape == (k, 8)
+        assert a.shape == ((1500,) if i == 0 else (40,))
+        assert a.max() < k
+    a0 = np.load(work / "assignment_level0.npy")
+    assert a0[3] == -1 and a0[700] == -1 and (a0 >= 0).sum() == 1498
+    lab_stats = summary["labels"]
+    assert lab_stats["entropy_curated"] > lab_stats["entropy_random_same_size"]
+    for name in ("cluster_sizes.png", "label_histograms.png"):
+        assert (work / name).stat().st_size > 1000
+    assert (work / "tree" / "tree.json").exists()
+
+
+def _cfg(**overrides):
+    return load_config(TEST_CONFIG, [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def test_curate_library_call_and_resume(tmp_path):
+    emb, _ = _write_inputs(tmp_path)
+    cfg = _cfg(**{"input.embeddings": emb, "plots": False, "sampling.strategy": "closest"})
+    s1 = curate_lib.curate(cfg, str(tmp_path / "w"), say=lambda _: None)
+    first = np.load(tmp_path / "w" / "selected_indices.npy")
+    # A rerun finds the finished tree in workdir/tree and gives the same subset.
+    s2 = curate_lib.curate(cfg, str(tmp_path / "w"), say=lambda _: None)
+    np.testing.assert_array_equal(first, np.load(tmp_path / "w" / "selected_indices.npy"))
+    assert s1["n_selected"] == s2["n_selected"] == 50
+    assert s2["seconds"]["clustering"] < s1["seconds"]["clustering"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.zeros(10, np.float32), "2-D"),
+        (np.zeros((4, 3, 2), np.float32), "2-D"),
+        (np.zeros((100, 4), np.int32), "floating dtype"),
+        (np.zeros((100, 4), bool), "floating dtype"),
+        (np.zeros((0, 4), np.float32), "empty"),
+    ],
+)
+def test_bad_arrays_are_refused(tmp_path, array, match):
+    path = str(tmp_path / "bad.npy")
+    np.save(path, array)
+    with pytest.raises(ValueError, match=match):
+        curate_lib.curate(_cfg(**{"input.embeddings": path}), str(tmp_path), say=lambda _: None)
+
+
+def test_bad_sizes_are_refused_before_clustering(tmp_path):
+    emb, _ = _write_inputs(tmp_path, n=200, bad_rows=(3, 100))
+    work = str(tmp_path / "w")
+
+    def run(**overrides):
+        cfg = _cfg(**{"input.embeddings": emb, **overrides})
+        curate_lib.curate(cfg, work, say=lambda _: None)
+
+    with pytest.raises(ValueError, match=r"level 0: k=500 .* \(198\)"):
+        run(**{"hierarchy.ks": "[500, 10]"})
+    with pytest.raises(ValueError, match="level 1: k=50 .* 40 centroids of level 0"):
+        run(**{"hierarchy.ks": "[40, 50]"})
+    with pytest.raises(ValueError, match="target size 199 .* 198"):
+        run(**{"sampling.target_size": 199})
+    with pytest.raises(ValueError, match="resampling_steps has 3 entries for 2 levels"):
+        run(**{"hierarchy.resampling_steps": "[1, 2, 3]"})
+    with pytest.raises(ValueError, match="sample_strategy"):
+        run(**{"hierarchy.sample_strategy": "farthest"})
+    with pytest.raises(ValueError, match="does not exist"):
+        run(**{"input.embeddings": "/nonexistent.npy"})
+    with pytest.raises(ValueError, match="nothing to curate"):
+        curate_lib.curate(_cfg(), work, say=lambda _: None)
+    # Nothing was clustered: no tree was written.
+    assert not os.path.exists(os.path.join(work, "tree"))
+
+
+def test_all_nonfinite_is_refused(tmp_path):
+    path = str(tmp_path / "nan.npy")
+    np.save(path, np.full((50, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="all 50 embedding rows hold NaN/inf"):
+        curate_lib.curate(_cfg(**{"input.embeddings": path}), str(tmp_path), say=lambda _: None)
+
+
+def test_configs_load():
+    for name in ("default", "test", "web_4level"):
+        cfg = load_config(os.path.join(REPO, "configs", "curation", f"{name}.py"))
+        curate_lib.check_hierarchy(cfg.hierarchy)
+    web = load_config(os.path.join(REPO, "configs", "curation", "web_4level.py"))
+    assert list(web.hierarchy.ks) == [10_000_000, 500_000, 50_000, 10_000]
+    assert web.hierarchy.split_first == 100 and web.hierarchy.dtype == "float64"
+    assert list(web.hierarchy.resampling_steps) == [1, 10, 10, 10]
+    assert list(web.hierarchy.sample_sizes) == [1, 10, 5, 3]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from herd.lm.model import Llama, LlamaConfig
+
+    cfg = LlamaConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=64
+    )
+    model = Llama(cfg)
+    init = jax.jit(model.init)
+    params = nn.meta.unbox(init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return cfg, model, params
+
+
+def _direct(model, params, docs):
+    """Each document alone, unpadded: the mean of its final hidden states."""
+    import jax
+    import jax.numpy as jnp
+
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t, return_hidden=True))
+    rows = [np.asarray(apply(params, jnp.asarray([d], jnp.int32)))[0].mean(0) for d in docs]
+    return np.stack(rows).astype(np.float32)
+
+
+def test_embed_memmap_equals_direct_computation_padding_ignored(tmp_path, tiny_llama):
+    from herd.curation import embed
+
+    cfg, model, params = tiny_llama
+    rng = np.random.default_rng(0)
+    # Three distinct lengths (few compilations of the direct computation).
+    docs = [rng.integers(0, 64, n).tolist() for n in rng.choice([1, 7, 19], 13)]
+    ref = _direct(model, params, docs)
+    fn = embed.llama_embed_fn(cfg)
+    outs = []
+    for seq_len in (20, 40):  # more padding must not change anything
+        path = str(tmp_path / f"emb{seq_len}.npy")
+        out = embed.embed_to_npy(
+            fn, params, embed.tokenize_batches(docs, seq_len, 8), path, len(docs), progress=False
+        )
+        assert isinstance(out, np.memmap) and out.shape == (13, 32)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+        outs.append(np.load(path))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_embed_texts_truncation_and_errors(tmp_path, tiny_llama):
+    from herd.curation import embed
+
+    cfg, model, params = tiny_llama
+
+    class CharTokenizer:
+        vocab_size, bos_id, eos_id, pad_id = 64, 1, 2, 0
+
+        def encode(self, text, bos=False, eos=False):
+            return ([1] if bos else []) + [3 + ord(ch) % 60 for ch in text]
+
+    texts = ["def f(x):\n    return x", "import os", "a" * 50]
+    emb, info = embed.embed_texts(
+        texts, CharTokenizer(), params, cfg, str(tmp_path / "t.npy"), seq_len=16, batch_size=8,
+        progress=False,
+    )  # fmt: skip
+    assert info["n_truncated"] == 2 and info["n_documents"] == 3
+    toks = [CharTokenizer().encode(t, bos=True)[:16] for t in texts]
+    np.testing.assert_allclose(emb, _direct(model, params, toks), atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="token id 99 outside the vocabulary"):
+        list(embed.tokenize_batches([[1, 99]], 8, 8, vocab_size=64))
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size"):
+        embed.embed_to_npy(
+            embed.llama_embed_fn(cfg), params, embed.tokenize_batches([[1, 2]], 8, 3),
+            str(tmp_path / "x.npy"), 1, progress=False,
+        )  # fmt: skip
+
+
+def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
+    import jax
+
+    from herd.core.checkpoint import Checkpointer
+    from herd.curation import embed
+
+    _, _, params = tiny_llama
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    ckpt.save(5, {"params": params, "step": np.int32(5)})
+    ckpt.close()
+    loaded = embed.load_params(str(tmp_path / "run"))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="no checkpoint step 7"):
+        embed.load_params(str(tmp_path / "run"), step=7)
+    with pytest.raises(ValueError, match="does not exist"):
+        embed.load_params(str(tmp_path / "nothing"))
