@@ -677,7 +677,25 @@ def make_lm_dataset(
     return packed
 
 
-def make_lm_iterator(source, tokenizer, **kwargs) -> grain.DatasetIterator:
+def make_lm_iterator(
+    source,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    packing: str = "concat",
+    vocab_size: int | None = None,
+    read_threads: int = 2,
+    tfds_data_dir: str | None = None,
+) -> grain.DatasetIterator:
     """A checkpointable iterator of packed LM batches (see the module docstring).
 
     Keyword arguments: seq_len, batch_size (per process), seed, shuffle=True, num_epochs=None
@@ -686,6 +704,28 @@ def make_lm_iterator(source, tokenizer, **kwargs) -> grain.DatasetIterator:
     add_bos/add_eos=True, packing='concat'|'pad', vocab_size (None: the tokenizer's; the model's
     vocab when smaller ids must raise), tfds_data_dir.
     With worker_count=0 the iterator is a PackedBatchIterator: ``.counters`` has docs, tokens,
-    rows, batches, split_docs and skipped_<reason> counts.
+    rows, batches, split_docs and skipped_<reason> counts. With worker_count=N > 0 each grain
+    worker packs its own slice of the documents (all tokens still seen exactly once per epoch,
+    tested), so the batch order differs from worker_count=0: resume with the same worker_count;
+    the counters then live only in the (per-worker) state; call ``close()`` when done.
     """
-    return iter(make_lm_dataset(source, tokenizer, **kwargs))
+    return iter(
+        make_lm_dataset(
+            source,
+            tokenizer,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            worker_count=worker_count,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            packing=packing,
+            vocab_size=vocab_size,
+            read_threads=read_threads,
+            tfds_data_dir=tfds_data_dir,
+        )
+    )
