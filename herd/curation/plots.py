@@ -102,7 +102,10 @@ def plot_2d_experiment(result: dict, path: str) -> str:
         ("flat k-means", result["flat_centroids"], result["kl_flat"]),
         ("hierarchical + resampling", result["hierarchical_centroids"], result["kl_hierarchical"]),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.4))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 9), gridspec_kw=dict(hspace=0.35))
+    # One colour scale for the three densities, so that flat looks flat.
+    dens_all = [kde_on_grid(pts)[1] for _, pts, _ in sets]
+    vmax = max(d.max() for d in dens_all)
     for j, (name, pts, kl) in enumerate(sets):
         ax = axes[0, j]
         ax.scatter(pts[:, 0], pts[:, 1], s=1 if j == 0 else 4, alpha=0.3 if j == 0 else 0.9)
@@ -110,9 +113,10 @@ def plot_2d_experiment(result: dict, path: str) -> str:
         ax.set_ylim(-3, 3)
         ax.set_aspect("equal")
         ax.set_title(name + (f" ({len(pts)} centroids)" if j else f" ({len(pts)} points)"))
-        grid, dens = kde_on_grid(pts[np.all(np.abs(pts) < 50, axis=1)] if j == 0 else pts)
         ax = axes[1, j]
-        ax.imshow(dens.T, origin="lower", extent=(-3, 3, -3, 3), cmap="viridis")
+        ax.imshow(
+            dens_all[j].T, origin="lower", extent=(-3, 3, -3, 3), cmap="viridis", vmin=0, vmax=vmax
+        )
         ax.set_title(
             "KDE (bandwidth 0.5)"
             + (f"\nKL to uniform {kl:.3f} (bound {result['kl_bound']:.3f})" if kl else "")
