@@ -45,7 +45,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 512
+KPP_TILE = 4096  # rows per tile of the k-means++ candidate-distance pass
 # Rows processed at once when streaming a memmap (and the in-memory limit for memmaps).
 DEFAULT_CHUNK_ROWS = 1 << 20
 # Above this many bytes the centroid table is sharded along k instead of replicated.
@@ -207,8 +208,11 @@ def _tile_min(xb, ct, cn):
     """argmin / min over centroids of ||c||^2 - 2 x.c for one tile (x's norm excluded)."""
     dots = jnp.dot(xb, ct, precision=_HIGHEST, preferred_element_type=xb.dtype)
     dist = cn[None, :] - 2 * dots
-    a = jnp.argmin(dist, axis=1).astype(jnp.int32)
+    # min, then the first index attaining it: two plain reductions, which XLA:CPU
+    # vectorises; jnp.argmin (a variadic reduce) measured 2-3x slower here.
     mn = jnp.min(dist, axis=1)
+    iota = lax.broadcasted_iota(jnp.int32, dist.shape, 1)
+    a = jnp.min(jnp.where(dist == mn[:, None], iota, dist.shape[1]), axis=1)
     return a, mn
 
 
@@ -474,17 +478,27 @@ def kmeanspp_draws(seed: int, k: int, n_local_trials: int, dtype=np.float32) -> 
         return np.asarray(u)
 
 
-def _local_kpp(x, w, draws, *, axes, n_dev):
-    """Exact greedy k-means++ over rows sharded on `axes` (whole loop in one program)."""
+def _local_kpp(x, w, draws, *, axes, n_dev, tile):
+    """Exact greedy k-means++ over rows sharded on `axes` (whole loop in one program).
+
+    Per centre: sample the candidates by inverse CDF on weight * closest (global across
+    devices), then one tiled pass computing each row's distance to the candidates (padded
+    to a multiple of 8: XLA:CPU's [tile, d] x [d, 8] dot is ~3x faster than [N, d] x [d, 7])
+    and the potential each candidate would give; keep the best.
+    """
     n_loc, d = x.shape
     k, trials = draws.shape
+    tp = -(-trials // 8) * 8
+    nt = n_loc // tile
     rank = lax.axis_index(axes)
-    xn = jnp.sum(x * x, axis=1)
+    xt = x.reshape(nt, tile, d)
+    xn = jnp.sum(xt * xt, axis=2)  # [nt, tile]
+    wt = w.reshape(nt, tile)
     last = n_dev - 1
 
     def pick(weights, u):
         """Global inverse-CDF sampling: rows with cumulative weight just above u * total."""
-        cs = jnp.cumsum(weights)
+        cs = jnp.cumsum(weights.reshape(n_loc))
         loc_tot = cs[-1]
         tots = lax.all_gather(loc_tot, axes)  # [n_dev]
         start = jnp.cumsum(tots)[rank] - loc_tot
@@ -498,37 +512,47 @@ def _local_kpp(x, w, draws, *, axes, n_dev):
         gidx = lax.psum(jnp.where(mine, rank * n_loc + li, 0), axes)
         return vec, gidx
 
-    def dist_to(cands):  # [n_loc, T]
-        cn = jnp.sum(cands * cands, axis=1)
-        dots = jnp.dot(x, cands.T, precision=_HIGHEST)
-        return jnp.maximum(xn[:, None] + cn[None, :] - 2 * dots, 0)
+    def dists(cands, closest):
+        """[nt, tile, tp] min(closest, distance to each candidate), padded columns inf."""
+        cp = jnp.zeros((tp, d), x.dtype).at[: cands.shape[0]].set(cands)
+        pen = jnp.where(jnp.arange(tp) < cands.shape[0], 0, jnp.inf).astype(x.dtype)
+        cn = jnp.sum(cp * cp, axis=1) + pen
+        cpt = cp.T
 
-    c0, i0 = pick(w, draws[0, :1])
-    closest = dist_to(c0)[:, 0]
+        def f(args):
+            xb, xnb, clb = args
+            dots = jnp.dot(xb, cpt, precision=_HIGHEST)
+            dc = jnp.maximum(xnb[:, None] + cn[None, :] - 2 * dots, 0)
+            return jnp.minimum(clb[:, None], dc)
+
+        return lax.map(f, (xt, xn, closest))
+
+    inf = jnp.full((nt, tile), jnp.inf, x.dtype)
+    c0, i0 = pick(wt, draws[0, :1])
+    closest = dists(c0, inf)[:, :, 0]
     centers = jnp.zeros((k, d), x.dtype).at[0].set(c0[0])
     index = jnp.zeros((k,), jnp.int32).at[0].set(i0[0].astype(jnp.int32))
 
     def body(i, carry):
         centers, index, closest = carry
-        cands, gidx = pick(w * closest, draws[i])
-        dc = dist_to(cands)
-        newd = jnp.minimum(closest[:, None], dc)
-        pot = lax.psum(jnp.sum(w[:, None] * newd, axis=0), axes)
+        cands, gidx = pick(wt * closest, draws[i])
+        newd = dists(cands, closest)
+        pot = lax.psum(jnp.sum(wt[:, :, None] * newd, axis=(0, 1)), axes)[:trials]
         best = jnp.argmin(pot)
-        closest = newd[:, best]
+        closest = lax.dynamic_index_in_dim(newd, best, axis=2, keepdims=False)
         centers = centers.at[i].set(cands[best])
         index = index.at[i].set(gidx[best].astype(jnp.int32))
         return centers, index, closest
 
     centers, index, closest = lax.fori_loop(1, k, body, (centers, index, closest))
-    pot = lax.psum(jnp.sum(w * closest), axes)
+    pot = lax.psum(jnp.sum(wt * closest), axes)
     return centers, index, pot
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _kpp_dev(xs, ws, draws, *, mesh):
+@functools.partial(jax.jit, static_argnames=("mesh", "tile"))
+def _kpp_dev(xs, ws, draws, *, mesh, tile):
     axes = _axes(mesh)
-    f = functools.partial(_local_kpp, axes=axes, n_dev=_n_dev(mesh))
+    f = functools.partial(_local_kpp, axes=axes, n_dev=_n_dev(mesh), tile=tile)
     return _smap(f, mesh, (P(axes), P(axes), P()), (P(), P(), P()))(xs, ws, draws)
 
 
@@ -541,7 +565,9 @@ def _kpp_on(data: _Data, k, seed, n_local_trials, sample_weight=None):
         wpad = np.zeros(data.padded, data.dtype)
         wpad[: data.n] = np.where(data.valid, sample_weight, 0)
         ws = jax.device_put(wpad, data.sharding)
-    centers, index, pot = _kpp_dev(xs, ws, jnp.asarray(draws), mesh=data.mesh)
+    n_tiles = data.padded // _n_dev(data.mesh) // data.tile
+    tile = data.tile * math.gcd(n_tiles, KPP_TILE // data.tile if data.tile < KPP_TILE else 1)
+    centers, index, pot = _kpp_dev(xs, ws, jnp.asarray(draws), mesh=data.mesh, tile=tile)
     return _to_host(centers), _to_host(index), float(pot)
 
 
