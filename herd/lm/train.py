@@ -25,10 +25,12 @@ cache); a real prefill + decode generator is herd.lm.generate's job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
+import types
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -246,27 +248,33 @@ def make_eval_step(model, *, mesh, param_shardings, rules=mesh_lib.DEFAULT_RULES
     return _MeshCall(jitted, mesh, rules)
 
 
+@functools.lru_cache(maxsize=4)
+def _next_token_fn(model):
+    @jax.jit
+    def next_token(params, tokens, positions, cur):
+        logits = model.apply({"params": params}, tokens, positions=positions)
+        return jnp.argmax(logits[0, cur - 1]).astype(jnp.int32)
+
+    return next_token
+
+
 def greedy_sample(model, params, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
     """Greedy continuation of `prompt` (no KV cache: re-runs the model on a fixed buffer).
 
     The buffer has a fixed length so the forward pass compiles once; causal attention
-    makes the positions after the current one irrelevant.
+    makes the positions after the current one irrelevant. herd.lm.generate is the real
+    (prefill + KV-cache decode) generator.
     """
     ids = list(tokenizer.encode(prompt, bos=True))
     total = min(len(ids) + max_new_tokens, model.config.max_seq_len)
     buf = np.zeros((1, total), np.int32)
     buf[0, : len(ids)] = ids
     positions = np.arange(total, dtype=np.int32)[None]
-
-    @jax.jit
-    def next_token(p, tokens, cur):
-        logits = model.apply({"params": p}, tokens, positions=positions)
-        return jnp.argmax(logits[0, cur - 1]).astype(jnp.int32)
-
+    next_token = _next_token_fn(model)
     cur = len(ids)
     eos = getattr(tokenizer, "eos_id", None)
     while cur < total:
-        tok = int(next_token(params, buf, cur))
+        tok = int(next_token(params, buf, positions, cur))
         if eos is not None and tok == eos:
             break
         buf[0, cur] = tok
@@ -379,6 +387,47 @@ def _corpus(cfg, say):
     return source, eval_source, digest
 
 
+@functools.lru_cache(maxsize=4)
+def _build(model_config, optim_items, steps, mesh, grad_accum_steps, vocab_chunk):
+    """Model, optimiser and jitted init / train / eval functions for one set-up.
+
+    Cached, so repeated `run()` calls in one process (tests, notebooks, resumes) reuse the
+    compiled executables instead of compiling them again.
+    """
+    from herd.lm.model import Llama
+
+    model = Llama(model_config)
+    optimizer, schedule = make_optimizer(dict(optim_items), steps)
+    rules = mesh_lib.DEFAULT_RULES
+    init_fn = make_init_fn(model, optimizer)
+    abstract, shardings = mesh_lib.abstract_state(
+        init_fn, jax.random.key_data(jax.random.key(0)), mesh=mesh, rules=rules
+    )
+    init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)
+    train_step = make_train_step(
+        model,
+        optimizer,
+        mesh=mesh,
+        state_shardings=shardings,
+        rules=rules,
+        grad_accum_steps=grad_accum_steps,
+        vocab_chunk=vocab_chunk,
+    )
+    eval_step = make_eval_step(
+        model, mesh=mesh, param_shardings=shardings.params, rules=rules, vocab_chunk=vocab_chunk
+    )
+    return types.SimpleNamespace(
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        abstract=abstract,
+        shardings=shardings,
+        init=init,
+        train_step=train_step,
+        eval_step=eval_step,
+    )
+
+
 # ------------------------------------------------------------------------------- run
 
 
@@ -390,7 +439,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
               'state': the final TrainState}
     """
     from herd.lm import data as data_lib
-    from herd.lm.model import Llama
 
     t_run = time.perf_counter()
     workdir = os.path.abspath(workdir)
@@ -444,17 +492,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         raise ValueError(f"the eval corpus {eval_source!r} produced no batches")
 
     # --- model, optimiser, sharded state
-    model = Llama(model_config)
     steps = int(cfg.train.steps)
     optim_cfg = dict(cfg.optim)
     if optim_cfg.get("eps") is None:  # the family's value (Llama 2 sec. 2.2: 1e-5)
         optim_cfg["eps"] = model_config.optimizer_eps
-    optimizer, schedule = make_optimizer(optim_cfg, steps)
-    rules = mesh_lib.DEFAULT_RULES
-    init_fn = make_init_fn(model, optimizer)
-    abstract, shardings = mesh_lib.abstract_state(
-        init_fn, jax.random.key_data(jax.random.key(0)), mesh=mesh, rules=rules
+    vocab_chunk = int(cfg.train.get("vocab_chunk") or 0)
+    built = _build(
+        model_config,
+        tuple(sorted(optim_cfg.items())),
+        steps,
+        mesh,
+        int(cfg.train.grad_accum_steps),
+        vocab_chunk,
     )
+    model, schedule, abstract = built.model, built.schedule, built.abstract
+    train_step, eval_step = built.train_step, built.eval_step
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=int(cfg.train.keep_checkpoints),
@@ -465,30 +517,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         say(f"resuming from checkpoint step {start}")
         state = ckpt.restore(abstract, train_iter)
     else:
-        rng = jax.random.key_data(jax.random.key(int(cfg.train.seed)))
-        state, _ = mesh_lib.init_sharded(init_fn, rng, mesh, rules)
+        state = built.init(jax.random.key_data(jax.random.key(int(cfg.train.seed))))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     say(
         f"model: {n_params / 1e6:.2f}M params, dim {model_config.dim}, "
         f"{model_config.n_layers} layers, {model_config.n_heads} heads / "
         f"{model_config.n_kv_heads} kv heads, vocab {model_config.vocab_size}, seq {seq_len}"
-    )
-
-    train_step = make_train_step(
-        model,
-        optimizer,
-        mesh=mesh,
-        state_shardings=shardings,
-        rules=rules,
-        grad_accum_steps=int(cfg.train.grad_accum_steps),
-        vocab_chunk=int(cfg.train.get("vocab_chunk") or 0),
-    )
-    eval_step = make_eval_step(
-        model,
-        mesh=mesh,
-        param_shardings=shardings.params,
-        rules=rules,
-        vocab_chunk=int(cfg.train.get("vocab_chunk") or 0),
     )
 
     def eval_fn(st):
@@ -541,7 +575,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         ckpt.close()
         writer.close()
 
-    if not history["eval"]:
+    if not history["eval"] and not history.get("preempted"):
         history["eval"][int(jax.device_get(state.step))] = eval_fn(state)
     summary = {
         "workdir": workdir,
