@@ -14,6 +14,12 @@ checkpoints to ``--workdir`` (default ``./workdir/lm``; rerunning resumes from t
 checkpoint, data iterator included) and ends with a short greedy sample from a code
 prompt. About five minutes on 2 CPU cores.
 
+SIGTERM (preemption) checkpoints at the next step and exits with status 143; a NaN or
+inf loss stops the run naming the step, keeping the last good checkpoint. Config errors
+(heads vs kv heads, mesh vs device count, batch vs data-parallel size, seq_len vs
+max_seq_len, unknown preset, missing corpus, tokenizer larger than the vocabulary) are
+raised before anything is compiled.
+
 ``--config=path.py[:arg]`` picks an experiment file (configs/lm/*.py: one per published
 family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test config);
 ``--config.key=value`` overrides any field; an unknown key is an error. Metrics go to
@@ -623,7 +629,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file at INFO
-        run(config_flag.value, flags.FLAGS.workdir)
+        summary = run(config_flag.value, flags.FLAGS.workdir)
+        if summary["preempted"]:
+            # SIGTERM: the state is checkpointed; rerunning the same command resumes.
+            sys.exit(143)
 
     app.run(_main, argv=list(argv) if argv is not None else sys.argv)
 

@@ -182,3 +182,23 @@ def test_metrics_writer_and_mfu(tmp_path):
     peak = matmul_peak_flops(n=128, use_cache=False)
     assert 1e6 < peak < 1e14
     json.dumps(peak)
+
+
+def test_half_written_step_is_ignored(tmp_path):
+    _, state, _, _ = _setup()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
+    ckpt.save(2, state)
+    ckpt.close()
+    # a save interrupted mid-way leaves orbax's temporary directory behind
+    junk = tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-1234"
+    junk.mkdir()
+    (junk / "state").mkdir()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1)
+    assert ckpt.latest_step() == 2
+    restored = ckpt.restore(abstract_like(state))
+    assert int(restored.step) == int(state.step)
+    # keep=1 never deletes the newest complete step
+    ckpt.save(4, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [4]
+    ckpt.close()
