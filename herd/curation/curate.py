@@ -187,12 +187,33 @@ def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     for key in ("checkpoint", "tokenizer", "model_config"):
         if not e.get(key):
             raise ValueError(f"embed.documents is set but embed.{key} is empty")
+    names, texts = embed_lib.read_documents(e.documents)
+    ckpt_dir, step = embed_lib.resolve_step(e.checkpoint, None if int(e.step) < 0 else int(e.step))
+    out = os.path.join(workdir, "embeddings.npy")
+    info_path = os.path.join(workdir, "embeddings.json")
+    key = dict(
+        documents=names,
+        checkpoint=ckpt_dir,
+        step=step,
+        model_config=e.model_config,
+        tokenizer=os.path.abspath(e.tokenizer),
+        seq_len=int(e.seq_len),
+    )
+    if os.path.exists(out) and os.path.exists(info_path):  # a rerun: reuse if the same
+        with open(info_path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            say(f"reusing the embeddings in {out}")
+            return np.load(out, mmap_mode="r"), dict(source=f"embed:{e.documents}", **saved["info"])
     model_config = build_model_config(load_config(e.model_config).model)
     tokenizer = load_tokenizer(e.tokenizer)
-    params = embed_lib.load_params(e.checkpoint, None if int(e.step) < 0 else int(e.step))
-    names, texts = embed_lib.read_documents(e.documents)
-    out = os.path.join(workdir, "embeddings.npy")
-    say(f"embedding {len(texts)} documents with {e.checkpoint} -> {out}")
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"embed.tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}"
+        )
+    params = embed_lib.load_params(ckpt_dir, step)
+    say(f"embedding {len(texts)} documents with {ckpt_dir} step {step} -> {out}")
     x, info = embed_lib.embed_texts(
         texts,
         tokenizer,
@@ -204,6 +225,8 @@ def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     )
     with open(os.path.join(workdir, "documents.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
+    with open(info_path, "w") as f:
+        json.dump(dict(key=key, info=info), f)
     return x, dict(source=f"embed:{e.documents}", **info)
 
 

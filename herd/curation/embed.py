@@ -33,6 +33,9 @@ __all__ = [
     "tokenize_batches",
     "embed_texts",
     "load_params",
+    "resolve_step",
+    "params_on_mesh",
+    "shard_llama_params",
     "read_documents",
 ]
 
@@ -55,7 +58,10 @@ def embed_to_npy(
       embed_fn: jittable ``(params, batch) -> [B, dim]`` float array.
       params: the model parameters (any pytree; already sharded or host arrays).
       batches: iterable of dicts of numpy arrays ``[B, ...]``; B is the same for all
-        batches and divisible by the mesh's data-parallel size. A batch may carry
+        batches and divisible by the mesh's data-parallel size. With several processes,
+        every process iterates the same global batches and feeds its slice of rows;
+        process 0 gathers the embeddings and writes the file (on a filesystem the others
+        can read). A batch may carry
         ``'n_valid'`` (an int): only its first ``n_valid`` rows are written (the last batch
         is padded to B).
       out_path: the ``.npy`` file (written through ``np.lib.format.open_memmap``).
@@ -73,10 +79,13 @@ def embed_to_npy(
     if mesh is None:
         mesh = mesh_lib.make_mesh({"fsdp": -1})
     dp = mesh_lib.data_parallel_size(mesh)
+    params = params_on_mesh(params, mesh)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    writer = pid == 0  # every process computes its rows; process 0 gathers and writes
     fn = jax.jit(embed_fn)
     out = None
     written = 0
-    bar = tqdm(total=n_rows, desc=desc, unit="doc", disable=not progress)
+    bar = tqdm(total=n_rows, desc=desc, unit="doc", disable=not (progress and writer))
     try:
         for batch in batches:
             batch = dict(batch)
@@ -85,24 +94,35 @@ def embed_to_npy(
             b = next(iter(arrays.values())).shape[0]
             if n_valid < 0:
                 n_valid = b
-            if b % dp:
+            if b % dp or b % n_proc:
                 raise ValueError(
                     f"batch size {b} is not divisible by the data-parallel size {dp} of the "
-                    f"mesh {dict(mesh.shape)}"
+                    f"mesh {dict(mesh.shape)} (and the process count {n_proc})"
                 )
             if written + n_valid > n_rows:
                 raise ValueError(f"the batches hold more than n_rows={n_rows} rows")
+            if n_proc > 1:  # each process feeds its slice of the (identical) global batch
+                per = b // n_proc
+                arrays = {k: v[pid * per : (pid + 1) * per] for k, v in arrays.items()}
             with jax.set_mesh(mesh):
                 emb = fn(params, mesh_lib.shard_batch(arrays, mesh))
+            if n_proc > 1:
+                from jax.experimental import multihost_utils
+
+                emb = multihost_utils.process_allgather(emb, tiled=True)
             emb = np.asarray(jax.device_get(emb))
             if emb.ndim != 2 or emb.shape[0] != b:
                 raise ValueError(f"embed_fn returned shape {emb.shape}, expected [{b}, dim]")
             if out is None:
-                os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-                out = np.lib.format.open_memmap(
-                    out_path, mode="w+", dtype=dtype, shape=(n_rows, emb.shape[1])
-                )
-            out[written : written + n_valid] = emb[:n_valid]
+                if writer:
+                    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+                    out = np.lib.format.open_memmap(
+                        out_path, mode="w+", dtype=dtype, shape=(n_rows, emb.shape[1])
+                    )
+                else:
+                    out = False
+            if writer:
+                out[written : written + n_valid] = emb[:n_valid]
             written += n_valid
             bar.update(n_valid)
     finally:
@@ -111,9 +131,50 @@ def embed_to_npy(
         raise ValueError("no batches to embed")
     if written != n_rows:
         raise ValueError(f"the batches held {written} rows, not n_rows={n_rows}")
-    out.flush()
+    if writer:
+        out.flush()
     del out
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("herd.curation.embed_to_npy")
     return np.load(out_path, mmap_mode="r")
+
+
+def params_on_mesh(params, mesh):
+    """Leaves already laid out on ``mesh`` stay; the others (host arrays, arrays committed to
+    one device, as orbax restores them) are replicated on it."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from herd.core import mesh as mesh_lib
+
+    rep = mesh_lib.replicated(mesh)
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(put, params)
+
+
+def shard_llama_params(params, config, mesh):
+    """Lays Llama params out on ``mesh`` by their logical axis names (herd.core.mesh
+    DEFAULT_RULES: FSDP over 'embed', tensor parallel over heads/mlp/vocab), so a model too
+    large for one device can embed."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd.core import mesh as mesh_lib
+    from herd.lm.model import Llama
+
+    boxed = jax.eval_shape(
+        lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    )["params"]
+    shardings = mesh_lib.logical_to_sharding(boxed, mesh)
+    return jax.tree.map(jax.device_put, params, shardings)
 
 
 def llama_embed_fn(config) -> Callable:
@@ -219,6 +280,11 @@ def embed_texts(
 ) -> tuple[np.ndarray, dict]:
     """Tokenises ``texts`` (BOS + text, truncated to ``seq_len``) and writes their Llama
     embeddings to ``out_path``. Returns (memmap [n, dim], info with counts)."""
+    from herd.core import mesh as mesh_lib
+
+    if mesh is None:
+        mesh = mesh_lib.make_mesh({"fsdp": -1})
+    params = shard_llama_params(params, config, mesh)
     token_lists = [tokenizer.encode(t, bos=True) for t in texts]
     n_trunc = count_truncated(token_lists, seq_len)
     n_empty = int(sum(len(t) == 0 for t in token_lists))
@@ -237,12 +303,8 @@ def embed_texts(
     return emb, info
 
 
-def load_params(workdir: str, step: int | None = None):
-    """The ``params`` of a herd LM checkpoint (``<workdir>/checkpoints/<step>/state``),
-    restored by orbax as host arrays without needing the optimiser's structure.
-    ``step``: default the latest. Also accepts the ``checkpoints`` directory itself."""
-    import orbax.checkpoint as ocp
-
+def resolve_step(workdir: str, step: int | None = None) -> tuple[str, int]:
+    """(checkpoint directory, step): ``step`` checked to exist, or the latest one."""
     directory = os.path.abspath(workdir)
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         directory = os.path.join(directory, "checkpoints")
@@ -254,6 +316,16 @@ def load_params(workdir: str, step: int | None = None):
     step = steps[-1] if step is None else int(step)
     if step not in steps:
         raise ValueError(f"no checkpoint step {step} in {directory!r} (steps: {steps})")
+    return directory, step
+
+
+def load_params(workdir: str, step: int | None = None):
+    """The ``params`` of a herd LM checkpoint (``<workdir>/checkpoints/<step>/state``),
+    restored by orbax as host arrays without needing the optimiser's structure.
+    ``step``: default the latest. Also accepts the ``checkpoints`` directory itself."""
+    import orbax.checkpoint as ocp
+
+    directory, step = resolve_step(workdir, step)
     path = os.path.join(directory, str(step), "state")
     state = ocp.StandardCheckpointer().restore(path)
     params = state["params"] if isinstance(state, dict) and "params" in state else None

@@ -280,16 +280,33 @@ def test_embed_texts_truncation_and_errors(tmp_path, tiny_llama):
         )  # fmt: skip
 
 
+def _save_lm_checkpoint(directory, params, step):
+    """A herd LM checkpoint as herd.lm.train writes it: a TrainState with AdamW state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from herd.core.checkpoint import Checkpointer
+    from herd.core.loop import TrainState
+
+    state = TrainState(
+        step=jnp.int32(step),
+        params=params,
+        opt_state=optax.adamw(1e-3).init(params),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
+    ckpt = Checkpointer(str(directory / "checkpoints"), async_save=False)
+    ckpt.save(step, state)
+    ckpt.close()
+
+
 def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
     import jax
 
-    from herd.core.checkpoint import Checkpointer
     from herd.curation import embed
 
     _, _, params = tiny_llama
-    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
-    ckpt.save(5, {"params": params, "step": np.int32(5)})
-    ckpt.close()
+    _save_lm_checkpoint(tmp_path / "run", params, 5)
     loaded = embed.load_params(str(tmp_path / "run"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -297,3 +314,58 @@ def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
         embed.load_params(str(tmp_path / "run"), step=7)
     with pytest.raises(ValueError, match="does not exist"):
         embed.load_params(str(tmp_path / "nothing"))
+
+
+def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
+    """embed.documents + an LM workdir + its config and tokenizer -> embeddings -> curation."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from herd.lm.model import Llama
+    from herd.lm.tokenizer import load_tokenizer, train_tokenizer
+    from herd.lm.train import build_model_config
+
+    lm_config = os.path.join(REPO, "configs", "lm", "tiny.py")
+    mc = build_model_config(load_config(lm_config).model)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(24):
+        body = f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 4)
+        if i % 3 == 0:
+            body += "# a comment about the weather and the sea\n" * (1 + i % 5)
+        (docs / f"doc{i:02d}.txt").write_text(body)
+    tok_path = str(tmp_path / "tok.model")
+    train_tokenizer(sorted(str(p) for p in docs.iterdir()), 320, tok_path)
+    model = Llama(mc)
+    init = jax.jit(model.init)
+    params = nn.meta.unbox(init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    _save_lm_checkpoint(tmp_path / "lm", params, 3)
+
+    cfg = _cfg(
+        **{
+            "embed.documents": str(docs / "*.txt"),
+            "embed.checkpoint": str(tmp_path / "lm"),
+            "embed.model_config": lm_config,
+            "embed.tokenizer": tok_path,
+            "embed.seq_len": 32,
+            "hierarchy.ks": "[6, 2]",
+            "sampling.target_size": 10,
+            "plots": False,
+        }
+    )
+    work = tmp_path / "work"
+    msgs = []
+    summary = curate_lib.curate(cfg, str(work), say=msgs.append)
+    emb = np.load(work / "embeddings.npy")
+    assert emb.shape == (24, mc.dim) and np.isfinite(emb).all()
+    assert summary["input"]["n_documents"] == 24 and summary["n_selected"] == 10
+    assert (work / "documents.txt").read_text().split() == sorted(str(p) for p in docs.iterdir())
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode((docs / "doc05.txt").read_text(), bos=True)[:32]
+    hidden = model.apply({"params": params}, jnp.asarray([ids], jnp.int32), return_hidden=True)
+    np.testing.assert_allclose(emb[5], np.asarray(hidden)[0].mean(0), atol=1e-5, rtol=1e-5)
+    # A rerun reuses the embeddings (same documents, checkpoint step, tokenizer).
+    msgs.clear()
+    curate_lib.curate(cfg, str(work), say=msgs.append)
+    assert any("reusing the embeddings" in m for m in msgs)
