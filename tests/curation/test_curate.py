@@ -190,7 +190,7 @@ def test_all_nonfinite_is_refused(tmp_path):
 
 
 def test_configs_load():
-    for name in ("default", "test", "web_4level"):
+    for name in ("default", "test", "web_4level", "stdlib_code"):
         cfg = load_config(os.path.join(REPO, "configs", "curation", f"{name}.py"))
         curate_lib.check_hierarchy(cfg.hierarchy)
     web = load_config(os.path.join(REPO, "configs", "curation", "web_4level.py"))
