@@ -26,6 +26,7 @@ def test_kde_kl_of_uniform_points_is_small_and_of_a_blob_large():
     assert 0 < uni < 0.1 < 1.0 < blob
 
 
+@pytest.mark.slow
 def test_2d_experiment_flat_vs_hierarchical_vs_bound():
     """Vo et al. 2024, Sec. 5.1: reference run flat 0.35, hierarchical 0.054, bound 0.047.
     10 resampling steps and 2 points per cluster as the paper; 10 Lloyd iterations per
@@ -316,6 +317,7 @@ def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
         embed.load_params(str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
     """embed.documents + an LM workdir + its config and tokenizer -> embeddings -> curation."""
     import flax.linen as nn
