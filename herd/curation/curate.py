@@ -395,6 +395,17 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
         f"selected {selected.size} points in {summary['seconds']['total']:.1f}s "
         f"(clustering {t_cluster:.1f}s, sampling {t_sample:.2f}s) -> {paths['selected']}"
     )
+    if labels is not None:
+        lab = summary["labels"]
+        say(
+            f"label entropy (nats, max {lab['entropy_max']:.2f}): pool {lab['entropy_pool']:.2f}, "
+            f"curated {lab['entropy_curated']:.2f}, random subset of the same size "
+            f"{lab['entropy_random_same_size']:.2f}"
+        )
+    say(f"summary: {summary['outputs']['summary']}")
+    for key in ("cluster_sizes_png", "label_histograms_png"):
+        if key in paths:
+            say(f"plot: {paths[key]}")
     return summary
 
 
@@ -437,8 +448,6 @@ def run_demo(cfg, workdir: str, *, say=print) -> dict:
         f"({lab['labels_covered_random_same_size']} concepts), curated 10% "
         f"{lab['entropy_curated']:.2f} ({lab['labels_covered_curated']} concepts)"
     )
-    for key in ("cluster_sizes_png", "label_histograms_png"):
-        say(f"  plot: {lt['outputs'][key]}")
     return dict(two_d=kl, long_tail=lt)
 
 
