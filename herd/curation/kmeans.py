@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,14 @@ def default_mesh(devices=None) -> Mesh:
 # With mesh=None, inputs of at most this many elements run on one device (sharding tiny
 # inputs over many devices only adds overhead).
 SMALL_INPUT_ELEMENTS = 1 << 20
+
+
+# With mesh=None, problems with n * k * max(d, 16) at most this run in numpy on the host.
+HOST_MAX_WORK = 1 << 26
+
+
+def _use_host(mesh, x, k, streamed=False) -> bool:
+    return mesh is None and not streamed and x.shape[0] * k * max(x.shape[1], 16) <= HOST_MAX_WORK
 
 
 def _pick_mesh(mesh, x) -> Mesh:
@@ -467,15 +476,96 @@ class _Engine:
         return self.put_centroids(c), n
 
 
+class _HostEngine:
+    """The same Lloyd step, assignment and re-seeding in numpy, for small problems (XLA's
+    per-shape compilation, ~1 s per function, dominates below HOST_MAX_WORK)."""
+
+    def __init__(self, data: _Data, k: int):
+        self.data = data
+        self.k = k
+        dt = data.dtype
+        x = np.asarray(data.x[:], dtype=dt)
+        self.x = np.where(data.valid[:, None], x, 0).astype(dt)
+        self.w = data.valid.astype(dt)
+        self.xn = np.einsum("nd,nd->n", self.x, self.x)
+
+    def put_centroids(self, c):
+        return np.array(c, dtype=self.data.dtype)
+
+    def _nearest(self, c):
+        dist = np.einsum("kd,kd->k", c, c)[None, :] - 2 * (self.x @ c.T)
+        a = dist.argmin(1).astype(np.int32)
+        mn = np.take_along_axis(dist, a[:, None].astype(np.int64), 1)[:, 0]
+        return a, np.maximum(mn + self.xn, 0)
+
+    def step(self, c):
+        a, md = self._nearest(c)
+        counts = np.bincount(a, weights=self.w, minlength=self.k)
+        xw = self.x * self.w[:, None]
+        sums = np.stack([np.bincount(a, xw[:, j], minlength=self.k) for j in range(xw.shape[1])], 1)
+        new = np.where((counts > 0)[:, None], sums / np.maximum(counts, 1)[:, None], c).astype(
+            self.data.dtype
+        )
+        return new, counts, float(np.dot(self.w, md))
+
+    def assign(self, c):
+        a, md = self._nearest(c)
+        a[~self.data.valid] = -1
+        md = md.astype(self.data.dtype)
+        md[~self.data.valid] = np.nan
+        return a, md
+
+    def reseed_empty(self, c, counts):
+        empty = np.nonzero(np.asarray(counts)[: self.k] == 0)[0]
+        if empty.size == 0:
+            return c, 0
+        _, md = self._nearest(c)
+        score = np.where(self.data.valid, md, -np.inf)
+        order = np.lexsort((np.arange(len(score)), -score))[: empty.size]
+        order = order[np.isfinite(score[order])]
+        c = c.copy()
+        c[empty[: len(order)]] = self.x[order]
+        return c, len(order)
+
+
+def _kpp_host(data: _Data, k, draws, sample_weight=None):
+    """numpy greedy k-means++ with the same draws and selection rule as the device one."""
+    dt = data.dtype
+    x = np.where(data.valid[:, None], np.asarray(data.x[:], dtype=dt), 0).astype(dt)
+    w = data.valid.astype(dt)
+    if sample_weight is not None:
+        w = np.where(data.valid, sample_weight, 0).astype(dt)
+    n = len(x)
+    xn = np.einsum("nd,nd->n", x, x)
+
+    def pick(weights, u):
+        cs = np.cumsum(weights)
+        return np.clip(np.searchsorted(cs, u * cs[-1], side="right"), 0, n - 1)
+
+    def dist(cands):  # [T, n]
+        cn = np.einsum("td,td->t", cands, cands)
+        return np.maximum(xn[None, :] + cn[:, None] - 2 * (cands @ x.T), 0)
+
+    index = np.zeros(k, np.int64)
+    index[0] = pick(w, draws[0, :1])[0]
+    closest = dist(x[index[:1]])[0]
+    for i in range(1, k):
+        cand = pick(w * closest, draws[i])
+        newd = np.minimum(closest[None, :], dist(x[cand]))
+        b = int(np.argmin(newd @ w))
+        index[i] = cand[b]
+        closest = newd[b]
+    return x[index].copy(), index.astype(np.int32), float(np.dot(w, closest))
+
+
 # ------------------------------------------------------------------- k-means++
 
 
 def kmeanspp_draws(seed: int, k: int, n_local_trials: int, dtype=np.float32) -> np.ndarray:
     """The uniform draws [k, n_local_trials] in [0, 1) used by :func:`kmeans_plusplus`:
     row 0 column 0 picks the first centre; row i picks the candidates of centre i."""
-    with _x64(dtype):
-        u = jax.random.uniform(jax.random.key(seed), (k, n_local_trials), dtype=np.dtype(dtype))
-        return np.asarray(u)
+    rng = np.random.default_rng([int(seed), 0x6B2B])
+    return rng.random((k, n_local_trials), dtype=np.dtype(dtype))
 
 
 def _local_kpp(x, w, draws, *, axes, n_dev, tile):
@@ -556,10 +646,12 @@ def _kpp_dev(xs, ws, draws, *, mesh, tile):
     return _smap(f, mesh, (P(axes), P(axes), P()), (P(), P(), P()))(xs, ws, draws)
 
 
-def _kpp_on(data: _Data, k, seed, n_local_trials, sample_weight=None):
+def _kpp_on(data: _Data, k, seed, n_local_trials, sample_weight=None, host=False):
     if n_local_trials is None:
         n_local_trials = 2 + int(math.log(k))
     draws = kmeanspp_draws(seed, k, n_local_trials, data.dtype)
+    if host:
+        return _kpp_host(data, k, draws, sample_weight)
     xs, ws = data.get(0)
     if sample_weight is not None:
         wpad = np.zeros(data.padded, data.dtype)
@@ -592,11 +684,12 @@ def kmeans_plusplus(
     ``(row indices [k], potential)``.
     """
     x = _validate(x, k)
+    host = _use_host(mesh, x, k)
     mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, DEFAULT_TILE, max(x.shape[0], 1))
         _check_k(k, data)
-        centers, index, pot = _kpp_on(data, k, seed, n_local_trials, sample_weight)
+        centers, index, pot = _kpp_on(data, k, seed, n_local_trials, sample_weight, host)
     if return_info:
         return centers, index, pot
     return centers
@@ -660,8 +753,9 @@ def _kmeans_parallel(eng: _Engine, k, seed, oversampling=None, rounds=5, n_local
 
 
 class KMeansResult(tuple):
-    """(centroids, assignment) plus attributes inertia, inertia_history, n_reseeded,
-    n_invalid, init_potential."""
+    """(centroids, assignment[, inertia][, distances]) plus attributes inertia,
+    inertia_history (per iteration, before its update), iter_seconds (wall time of each
+    Lloyd iteration), n_reseeded, n_invalid, init_potential (k-means++ only)."""
 
     def __new__(cls, items, **info):
         obj = super().__new__(cls, tuple(items))
@@ -696,8 +790,10 @@ def kmeans(
       n_iters: Lloyd iterations (assign + update); a final assignment follows.
       seed: seeds the initialisation (deterministic, independent of the device count).
       init: optional [k, d] initial centroids (then ``init_method`` is ignored).
-      mesh: rows are sharded over all its axes (default: all devices; one device when
-        x has at most SMALL_INPUT_ELEMENTS elements).
+      mesh: rows are sharded over all its axes. Default (None): all devices; one device
+        when x has at most SMALL_INPUT_ELEMENTS elements; numpy on the host when
+        n * k * max(d, 16) <= HOST_MAX_WORK (same algorithm and draws; XLA's per-shape
+        compile time would dominate). Pass a mesh to force the device path.
       init_method: 'k-means++' (exact greedy, default in memory), 'k-means||' (default for
         streamed memmaps) or 'random' (k distinct random rows).
       dtype: np.float32 (default) or np.float64 (runs under a scoped ``jax.enable_x64``).
@@ -720,13 +816,18 @@ def kmeans(
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if n_iters < 0:
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    user_mesh = mesh
     mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
         _check_k(k, data)
         if data.n_invalid:
             log.warning("kmeans: excluding %d non-finite rows of %d", data.n_invalid, data.n)
-        eng = _Engine(data, k, mesh, max_replicated_centroid_bytes, update)
+        host = _use_host(user_mesh, x, k, data.streamed)
+        if host:
+            eng = _HostEngine(data, k)
+        else:
+            eng = _Engine(data, k, mesh, max_replicated_centroid_bytes, update)
         init_potential = None
         if init is not None:
             c0 = np.asarray(init, dtype=data.dtype)
@@ -740,7 +841,7 @@ def kmeans(
                         "init_method='k-means++' needs the data in memory; use 'k-means||' "
                         "for a streamed memmap (or raise chunk_rows)"
                     )
-                c0, _, init_potential = _kpp_on(data, k, seed, n_local_trials)
+                c0, _, init_potential = _kpp_on(data, k, seed, n_local_trials, host=host)
             elif method == "k-means||":
                 c0 = _kmeans_parallel(eng, k, seed, n_local_trials=n_local_trials)
             elif method == "random":
@@ -753,10 +854,13 @@ def kmeans(
                 )
         c = eng.put_centroids(c0)
         history = []
+        iter_seconds = []
         n_reseeded = 0
         for _ in range(n_iters):
+            t0 = time.perf_counter()
             c, counts, inertia = eng.step(c)
             history.append(float(inertia))
+            iter_seconds.append(time.perf_counter() - t0)
             c, nr = eng.reseed_empty(c, counts)
             n_reseeded += nr
         a, md = eng.assign(c)
@@ -771,6 +875,7 @@ def kmeans(
         out,
         inertia=inertia,
         inertia_history=history,
+        iter_seconds=iter_seconds,
         n_reseeded=n_reseeded,
         n_invalid=data.n_invalid,
         init_potential=init_potential,
@@ -793,8 +898,12 @@ def assign(
     centroids = np.asarray(centroids)
     if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids must be [k, {x.shape[1]}], got {centroids.shape}")
+    host = _use_host(mesh, x, centroids.shape[0], isinstance(x, np.memmap))
     mesh = _pick_mesh(mesh, x)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
-        eng = _Engine(data, centroids.shape[0], mesh, max_replicated_centroid_bytes, "scatter")
+        if host:
+            eng = _HostEngine(data, centroids.shape[0])
+        else:
+            eng = _Engine(data, centroids.shape[0], mesh, max_replicated_centroid_bytes, "scatter")
         return eng.assign(eng.put_centroids(centroids))

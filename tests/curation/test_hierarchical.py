@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from herd.curation import ClusterTree, hierarchical, hierarchical_kmeans
+from herd.curation.kmeans import default_mesh
 
 
 def _data(n=1500, d=4, seed=0):
@@ -43,7 +44,10 @@ def _check_tree(tree, x):
 def test_tree_invariants_with_resampling_and_nan_rows():
     x = _data()
     x[[3, 99]] = np.nan
-    tree = hierarchical_kmeans(x, [60, 20, 6], [1, 3, 2], [1, 3, 2], n_iters=8, seed=1)
+    # An explicit mesh forces the sharded device path (mesh=None runs small problems in numpy).
+    tree = hierarchical_kmeans(
+        x, [60, 20, 6], [1, 3, 2], [1, 3, 2], n_iters=8, seed=1, mesh=default_mesh()
+    )
     assert [lv.k for lv in tree.levels] == [60, 20, 6]
     assert tree.n_points == len(x)
     assert (tree.levels[0].assignment[[3, 99]] == -1).all()
@@ -103,7 +107,7 @@ def test_bad_inputs():
 def test_killed_run_resumes_and_matches(tmp_path, monkeypatch):
     x = _data(n=900)
     args = ([40, 15, 5], [2, 2, 2], [3, 2, 2])
-    kw = dict(n_iters=4, seed=5)
+    kw = dict(n_iters=4, seed=5, mesh=default_mesh())
     full = hierarchical_kmeans(x, *args, **kw)
 
     real = hierarchical._run_level

@@ -217,3 +217,20 @@ def test_assign_matches_bruteforce():
     dd = ((x[:, None] - c[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(a, dd.argmin(1))
     np.testing.assert_allclose(d, dd.min(1), rtol=1e-4, atol=1e-3)
+
+
+def test_host_path_matches_device_path():
+    # mesh=None on a small problem runs in numpy on the host: same draws, same algorithm.
+    x = _blobs(n=700, d=5, centers=8, seed=4).astype(np.float64)
+    assert km._use_host(None, x, 10)
+    ci, ii, pi = km.kmeans_plusplus(x, 10, 3, dtype=np.float64, return_info=True)
+    cd, idd, pd = km.kmeans_plusplus(x, 10, 3, mesh=MESH8, dtype=np.float64, return_info=True)
+    np.testing.assert_array_equal(ii, idd)
+    assert abs(pi - pd) / pd < 1e-10
+    init = x[:10].copy()
+    init[2] = 1e3  # forces a re-seed on both paths
+    h = km.kmeans(x, 10, 4, 0, init=init, dtype=np.float64, return_inertia=True)
+    dv = km.kmeans(x, 10, 4, 0, init=init, mesh=MESH1, dtype=np.float64, return_inertia=True)
+    np.testing.assert_allclose(h[0], dv[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(h[1], dv[1])
+    assert h.n_reseeded == dv.n_reseeded >= 1
