@@ -167,10 +167,9 @@ def test_bad_arguments():
         balanced_sample(bad, 10)
 
 
-def test_large_tree_is_fast():
-    """10^6 points, 10^5 / 10^4 / 10^3 clusters: vectorised, well under a few seconds."""
-    import time
-
+def test_large_tree_exact_size_and_distinct():
+    """10^6 points, 10^5 / 10^4 / 10^3 clusters: the vectorised allocation stays exact at
+    scale (speed is measured in tools/bench_curation.py, not here)."""
     rng = np.random.default_rng(0)
     n, ks = 1_000_000, [100_000, 10_000, 1_000]
     levels, items = [], n
@@ -179,9 +178,6 @@ def test_large_tree_is_fast():
         levels.append(_level(a, k, rng.random(items)))
         items = k
     tree = ClusterTree(levels, n_points=n)
-    t = time.perf_counter()
     idx = balanced_sample(tree, 300_000, strategy="random", seed=0)
-    dt = time.perf_counter() - t
     assert idx.shape == (300_000,) and np.unique(idx).shape == (300_000,)
-    print(f"balanced_sample 1M points, 3 levels: {dt:.2f} s")
-    assert dt < 20
+    assert idx.min() >= 0 and idx.max() < n
