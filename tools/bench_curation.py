@@ -91,7 +91,7 @@ def matmul_peaks(n, d, k, tile):
     def best(f, reps=3):
         f()
         ts = []
-        for _ in range(reps):
+        for _ in range(reps + 2):
             t = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t)
@@ -123,17 +123,43 @@ def part_lloyd(a):
     import faiss
     import numpy as np
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     from herd.curation.kmeans import kmeans
+    from herd.curation.kmeans import kmeans_plusplus as herd_kpp
 
     n, d, k, it = a.n, a.d, a.k, a.iters
     x = make_data(n, d, seed=0)
-    init = x[np.sort(np.random.default_rng(123).choice(n, k, replace=False))].copy()
+    # Same initial centroids for all three: herd's k-means++ on a 131072-row subsample
+    # (random rows as init make empty clusters likely, and each library handles those
+    # differently: faiss splits a big cluster, sklearn and herd move the centroid to far
+    # points; with any such event the trajectories, hence the inertias, diverge).
+    sub = x[np.sort(np.random.default_rng(123).choice(n, min(n, 131072), replace=False))]
+    init = herd_kpp(sub, k, 0)
     fl = 2 * n * d * k
     res = {"n": n, "d": d, "k": k, "iters": it, "tile": a.tile}
     res["peaks_gflops"] = matmul_peaks(min(n, 262144), d, k, a.tile)
     peak = max(res["peaks_gflops"][key] for key in ("numpy_blocked16k", f"xla_tile{a.tile}"))
     res["peak_gflops"] = peak
+    # Thread counts: on a loaded 2-core machine OpenMP spin-waiting can make 2 threads
+    # slower than 1; probe 2 iterations of each setting and keep the faster.
+    probe = {}
+    for th in (1, 2):
+        faiss.omp_set_num_threads(th)
+        km = faiss.Kmeans(d, k, niter=2, max_points_per_centroid=n, seed=1)
+        t = time.perf_counter()
+        km.train(x, init_centroids=init)
+        probe[f"faiss_threads{th}"] = (time.perf_counter() - t) / 2
+        with threadpool_limits(th):
+            skm = KMeans(k, init=init, n_init=1, max_iter=2, tol=0, algorithm="lloyd")
+            t = time.perf_counter()
+            skm.fit(x)
+            probe[f"sklearn_threads{th}"] = (time.perf_counter() - t) / 2
+    res["thread_probe_s_per_iter"] = probe
+    faiss_th = min((1, 2), key=lambda th: probe[f"faiss_threads{th}"])
+    sk_th = min((1, 2), key=lambda th: probe[f"sklearn_threads{th}"])
+    res["faiss_threads"], res["sklearn_threads"] = faiss_th, sk_th
+    faiss.omp_set_num_threads(faiss_th)
     runs = {"herd": [], "faiss": [], "sklearn": []}
     for rep in range(a.repeats):
         # herd
@@ -153,13 +179,14 @@ def part_lloyd(a):
         times = np.diff([0.0] + [s["time"] for s in st]) if st else [wall / it]
         runs["faiss"].append(
             dict(wall=wall, per_iter=float(np.median(times)), centroids=km.centroids.copy(),
-                 wall_per_iter=wall / it)
+                 wall_per_iter=wall / it, nsplit=int(sum(s["nsplit"] for s in st)))
         )  # fmt: skip
         # scikit-learn: lloyd, same init
-        skm = KMeans(k, init=init, n_init=1, max_iter=it, tol=0, algorithm="lloyd")
-        t = time.perf_counter()
-        skm.fit(x)
-        wall = time.perf_counter() - t
+        with threadpool_limits(sk_th):
+            skm = KMeans(k, init=init, n_init=1, max_iter=it, tol=0, algorithm="lloyd")
+            t = time.perf_counter()
+            skm.fit(x)
+            wall = time.perf_counter() - t
         runs["sklearn"].append(
             dict(wall=wall, per_iter=wall / max(skm.n_iter_, 1), centroids=skm.cluster_centers_,
                  n_iter=int(skm.n_iter_))
@@ -174,7 +201,7 @@ def part_lloyd(a):
             frac_of_peak=fl / per / 1e9 / peak,
             inertia=inertia_of(x, rs[-1]["centroids"]),
         )
-        for key in ("n_iter", "wall_per_iter", "n_reseeded"):
+        for key in ("n_iter", "wall_per_iter", "n_reseeded", "nsplit"):
             if key in rs[-1]:
                 res[name][key] = rs[-1][key]
     faster = min(res["faiss"]["s_per_iter"], res["sklearn"]["s_per_iter"])
@@ -269,7 +296,12 @@ def worker_e2e(a, which, n, d, ks, steps, sizes, n_iters):
         tree = hierarchical_kmeans(x, ks, steps, sizes, n_iters=n_iters, seed=0, tile=a.tile)
         levels = tree.levels
     else:
-        levels = peer_hierarchical(x, ks, steps, sizes, n_iters)
+        import faiss
+        from threadpoolctl import threadpool_limits
+
+        faiss.omp_set_num_threads(a.peer_threads)
+        with threadpool_limits(a.peer_threads):
+            levels = peer_hierarchical(x, ks, steps, sizes, n_iters)
     wall = time.perf_counter() - t
     return dict(
         which=which,
@@ -314,6 +346,12 @@ def main():
     ap.add_argument("--e2e4-steps", default="1,3,3,3")
     ap.add_argument("--e2e4-sizes", default="1,4,3,3")
     ap.add_argument("--e2e4-iters", type=int, default=10)
+    ap.add_argument(
+        "--peer-threads",
+        type=int,
+        default=1,
+        help="faiss/BLAS threads in the e2e peer (1 measured faster when loaded)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.quick:
@@ -338,7 +376,7 @@ def main():
         elif part == "e2e":
             spec = [a.e2e_n, a.e2e_d, _csv(a.e2e_ks), _csv(a.e2e_steps), _csv(a.e2e_sizes),
                     a.e2e_iters]  # fmt: skip
-            common = ["--tile", str(a.tile)]
+            common = ["--tile", str(a.tile), "--peer-threads", str(a.peer_threads)]
             rh = run_worker(["--worker", json.dumps(["herd", *spec]), *common])
             rp = run_worker(["--worker", json.dumps(["peer", *spec]), *common])
             r = dict(spec=spec, herd=rh, peer=rp, speedup=rp["wall_s"] / rh["wall_s"])
