@@ -54,6 +54,7 @@ Backends (``impl``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -67,6 +68,8 @@ DEFAULT_Q_CHUNK = 512
 SPLASH_MIN_BLOCK = 128
 _SPLASH_BLOCK = 512
 _PALLAS_GPU_BLOCK = 64
+# Query chunks up to this many are unrolled with block-causal key slicing; more use lax.map.
+_MAX_UNROLLED_CHUNKS = 16
 
 
 def check_attention_config(
@@ -221,9 +224,49 @@ def _chunked(q, k, v, segment_ids, causal, chunk):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
 
-    out = jax.lax.map(one_chunk, (qc, seg_qc, starts))  # [n, B, C, KV, G, D]
+    if causal and s == t and n <= _MAX_UNROLLED_CHUNKS:
+        # Block-causal skipping: query chunk i only reads keys [0, (i + 1) * chunk), a
+        # static slice per unrolled chunk, so the masked upper triangle is never computed
+        # (about (n + 1) / 2n of the full T x S work, as in flash-attention kernels).
+        outs = []
+        for i in range(n):
+            end = min((i + 1) * chunk, s)
+            outs.append(
+                _one_chunk_keys(
+                    qc[i],
+                    seg_qc[i],
+                    i * chunk,
+                    k[:, :end],
+                    v[:, :end],
+                    None if segment_ids is None else segment_ids[:, :end],
+                    causal,
+                    scale,
+                    stat_dtype,
+                )
+            )
+        out = jnp.stack(outs)
+    else:
+        out = jax.lax.map(one_chunk, (qc, seg_qc, starts))  # [n, B, C, KV, G, D]
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, n * chunk, h, d)
     return out[:, :t]
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 6, 7, 8))
+def _one_chunk_keys(qi, seg_i, start, k, v, seg_k, causal, scale, stat_dtype):
+    """One query chunk [B, C, KV, G, D] against keys k/v [B, S', KV, D] (S' <= S)."""
+    b, c = qi.shape[:2]
+    s = k.shape[1]
+    logits = jnp.einsum("bckgd,bskd->bkgcs", qi, k, preferred_element_type=stat_dtype)
+    logits = logits * jnp.asarray(scale, stat_dtype)
+    allowed = jnp.ones((b, c, s), bool)
+    if causal:
+        qpos = start + jnp.arange(c, dtype=jnp.int32)
+        allowed = allowed & (qpos[:, None] >= jnp.arange(s, dtype=jnp.int32)[None, :])[None]
+    if seg_k is not None:
+        allowed = allowed & (seg_i[:, :, None] == seg_k[:, None, :])
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(stat_dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
 
 
 def _splash_kernel(n_heads: int, t: int, s: int, causal: bool, interpret: bool):
