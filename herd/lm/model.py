@@ -52,6 +52,14 @@ _ROPE_SCALING_KEYS = (
     "original_max_position_embeddings",
 )
 
+# Fusion switches (module level so a benchmark can compare them in one process; read at
+# trace time). Measured on the 30M bench shape (tools/bench_lm.py) on XLA:CPU, fwd+bwd CPU
+# time: one [dim, 2, ffn] gate/up matmul instead of two: -11%, so on; one concatenated
+# [dim, heads + 2 kv_heads, head_dim] q/k/v matmul: +2% (slower; and a concat across the
+# tensor-sharded heads axis would reshard on accelerators), so off.
+_FUSE_QKV = False
+_FUSE_W13 = True
+
 # Names given with checkpoint_name() inside a layer; the remat policies refer to them.
 _QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 _ATTN_NAMES = _QKV_NAMES + ("context",)
@@ -454,9 +462,13 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        if _FUSE_QKV:
+            w = jnp.concatenate([wq, wk, wv], axis=1).astype(dt)
+            q, k, v = jnp.split(jnp.einsum("btd,dhk->bthk", x, w), [h, h + kv], axis=2)
+        else:
+            q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+            k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
+            v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = _constrain(checkpoint_name(q, "query_proj"), ("batch", "length", "heads", "head_dim"))
@@ -485,8 +497,14 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), init, pdt)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), init, pdt)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), init, pdt)
-        gate = checkpoint_name(jnp.einsum("btd,df->btf", x, w1.astype(dt)), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("btd,df->btf", x, w3.astype(dt)), "mlp_up")
+        if _FUSE_W13:
+            w13 = jnp.stack([w1, w3], axis=1).astype(dt)  # [D, 2, F]: 'mlp' stays last
+            gu = jnp.einsum("btd,dcf->btcf", x, w13)
+            gate = checkpoint_name(gu[:, :, 0], "mlp_gate")
+            up = checkpoint_name(gu[:, :, 1], "mlp_up")
+        else:
+            gate = checkpoint_name(jnp.einsum("btd,df->btf", x, w1.astype(dt)), "mlp_gate")
+            up = checkpoint_name(jnp.einsum("btd,df->btf", x, w3.astype(dt)), "mlp_up")
         hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return checkpoint_name(jnp.einsum("btf,fd->btd", hidden, w2.astype(dt)), "mlp_out")
 
