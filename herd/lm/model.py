@@ -204,13 +204,15 @@ class LlamaConfig:
                 raise ValueError(f"unknown {f} {getattr(self, f)!r}; valid: {', '.join(DTYPES)}")
         if self.attention_q_chunk is not None:
             pos_int("attention_q_chunk")
-        # impl / q_chunk combination (the sequence length is checked when the model runs)
+        # impl / q_chunk / head_dim combination; the sequence length is checked when the
+        # model runs (128 here is a length every backend accepts)
         check_attention_config(
             self.attention_impl,
-            1,
+            128,
             q_chunk=self.attention_q_chunk,
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
         )
         rs = self.rope_scaling
         if rs is not None:

@@ -172,6 +172,13 @@ def test_config_errors(kw, match):
         TINY.replace(**kw)
 
 
+def test_every_attention_impl_accepted():
+    for impl in ("xla", "xla_chunked", "splash", "cudnn", "pallas_gpu"):
+        assert TINY.replace(attention_impl=impl).attention_impl == impl
+    with pytest.raises(ValueError, match="head_dim"):
+        TINY.replace(dim=48, n_heads=4, n_kv_heads=2, attention_impl="pallas_gpu")
+
+
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="llama3-8b.*llama3.2-3b|valid presets: llama1-7b"):
         LlamaConfig.preset("llama4-8b")
