@@ -1,6 +1,6 @@
 """The embedded default: a small Llama-3-style model pre-trained on the stdlib sources.
 
-GQA (8 query / 2 kv heads), RoPE theta 5e5, document masking of packed sequences,
+GQA (4 query / 2 kv heads), RoPE theta 5e5, document masking of packed sequences,
 untied output head, float32 on CPU. About five minutes on 2 CPU cores (tokenizer
 training, compile, training, eval and a greedy sample included); the eval loss falls
 from ~7.6 (uniform over the vocabulary) to well under half of that.
@@ -12,11 +12,11 @@ from configs.lm.common import base_config
 def get_config(arg=None):
     del arg
     c = base_config()
-    c.model.dim = 256
+    c.model.dim = 128
     c.model.n_layers = 4
-    c.model.n_heads = 8
+    c.model.n_heads = 4
     c.model.n_kv_heads = 2
-    c.model.ffn_dim = 768
+    c.model.ffn_dim = 384
     c.model.vocab_size = 2048
     c.model.rope_theta = 5e5
     c.model.max_seq_len = 1024
@@ -27,13 +27,13 @@ def get_config(arg=None):
     c.model.remat_policy = "none"
     c.data.seq_len = 256
     c.data.global_batch_size = 16
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 20
-    c.train.steps = 200
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 30
+    c.train.steps = 400
     c.train.eval_every = 50
     c.train.eval_batches = 4
-    c.train.checkpoint_every = 50
-    c.train.log_every = 5
+    c.train.checkpoint_every = 100
+    c.train.log_every = 10
     c.train.sample_prompt = "def fibonacci(n):\n"
     c.train.sample_tokens = 48
     return c
