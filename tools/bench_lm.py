@@ -1,0 +1,577 @@
+"""Training-throughput benchmark of herd's Llama against Hugging Face transformers + torch.
+
+Usage::
+
+    python tools/bench_lm.py                       # everything (about 10-15 min on 2 cores)
+    python tools/bench_lm.py --sections throughput --steps 8
+    python tools/bench_lm.py --sections compile,memory,profile
+    python tools/bench_lm.py --sections accel      # GPU/TPU: Llama-3-8B-shaped layers, bf16
+
+On CPU (the default sections):
+
+* ``peak``: the machine's float32 square-matmul peak, measured with jnp and with torch
+  (the larger of the two is the MFU denominator).
+* ``throughput``: a ~30M-parameter Llama (vocab 8192, dim 512, 8 layers, 8 heads, 4 KV
+  heads, ffn 1536, seq 512, batch 8, float32). herd's real train step
+  (``herd.lm.train.make_train_step``: AdamW with clipping, donated state, chunked loss
+  helper, document-masked attention) against ``transformers.LlamaForCausalLM`` (sdpa
+  attention) + ``torch.optim.AdamW`` with the same clipping, stepping alternately in one
+  process; medians after warm-up. Model FLOPs/token = 6 x non-embedding params (LM head
+  included) + 6 x n_layers x seq_len x dim (causal attention, halved).
+* ``compile``: lower + compile time of the train step vs depth (2, 4, 8, 16 layers),
+  scanned and unrolled.
+* ``memory``: XLA's temp (activation) bytes of the compiled step for each remat policy.
+* ``profile``: where herd's step spends time: forward only, forward + backward, whole
+  step; attention backends and vocab chunking compared on the same step.
+
+``accel`` (only on GPU/TPU): bf16 MFU of Llama-3-8B-shaped layers (dim 4096, 32 heads, 8 KV
+heads, ffn 14336, vocab 128256, seq 8192, a few layers) with the platform's attention
+kernel (splash on TPU, cudnn on GPU), against the measured bf16 matmul peak and the
+vendor's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from herd.core import mesh as mesh_lib  # noqa: E402
+from herd.core.optim import make_optimizer  # noqa: E402
+from herd.lm.model import Llama, LlamaConfig  # noqa: E402
+from herd.lm.train import flops_per_token, make_init_fn, make_train_step  # noqa: E402
+
+BENCH = dict(
+    vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_seq_len=512
+)
+SEQ, BATCH = 512, 8
+OPTIM = dict(
+    lr=3e-4,
+    warmup_steps=10,
+    min_lr_ratio=0.1,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-5,
+    weight_decay=0.1,
+    clip_norm=1.0,
+)
+# Dense bf16 peak FLOP/s per chip (vendor figures), for the accelerator section.
+VENDOR_BF16_PEAK = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        up = "?"
+    dev = jax.devices()[0]
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        platform=dev.platform,
+        device_kind=getattr(dev, "device_kind", "?"),
+        jax=jax.__version__,
+        uptime=up,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+# ------------------------------------------------------------------------------- peak
+
+
+def matmul_peak(n=1024, reps=15, dtype=jnp.float32) -> dict:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    out = {"jnp_best": 2 * n**3 / min(ts), "jnp_median": 2 * n**3 / median(ts)}
+    if jax.devices()[0].platform == "cpu":
+        import torch
+
+        x = torch.randn(n, n)
+        torch.mm(x, x)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(x, x)
+            ts.append(time.perf_counter() - t0)
+        out.update(torch_best=2 * n**3 / min(ts), torch_median=2 * n**3 / median(ts))
+    out["peak"] = max(v for k, v in out.items() if k.endswith("_best"))
+    return out
+
+
+# ------------------------------------------------------------------------------- herd
+
+
+def herd_config(**over) -> LlamaConfig:
+    return LlamaConfig(**{**BENCH, "rope_theta": 5e5, **over})
+
+
+def make_batch(cfg, batch=BATCH, seq=SEQ, seed=0, docs=1):
+    """One row = `docs` packed documents of equal length (docs=1: plain causal LM rows)."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    seg = np.repeat(np.arange(1, docs + 1, dtype=np.int32), -(-seq // docs))[:seq]
+    pos = np.concatenate([np.arange(np.sum(seg == d)) for d in range(1, docs + 1)])
+    loss_mask = np.ones((batch, seq), np.float32)
+    loss_mask[:, np.nonzero(np.diff(seg))[0]] = 0.0  # no prediction across documents
+    return {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "positions": np.broadcast_to(pos.astype(np.int32), (batch, seq)).copy(),
+        "segment_ids": np.broadcast_to(seg, (batch, seq)).copy(),
+        "loss_mask": loss_mask,
+    }
+
+
+class HerdStep:
+    """herd's real train step on a 1-device mesh (state donated between calls)."""
+
+    def __init__(self, cfg: LlamaConfig, vocab_chunk: int = 0, seed: int = 0):
+        self.cfg = cfg
+        self.mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+        self.model = Llama(cfg)
+        self.optimizer, _ = make_optimizer(OPTIM, total_steps=1000)
+        init_fn = make_init_fn(self.model, self.optimizer)
+        self.state, shardings = mesh_lib.init_sharded(init_fn, jax.random.PRNGKey(seed), self.mesh)
+        self.step_fn = make_train_step(
+            self.model,
+            self.optimizer,
+            mesh=self.mesh,
+            state_shardings=shardings,
+            vocab_chunk=vocab_chunk,
+        )
+        self.compiled = None
+
+    def batch(self, host):
+        return mesh_lib.shard_batch(host, self.mesh)
+
+    def compile(self, batch):
+        t0 = time.perf_counter()
+        lowered = self.step_fn.lower(self.state, batch)
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    def __call__(self, batch) -> float:
+        self.state, metrics = self.compiled(self.state, batch)
+        return float(metrics["loss"])  # blocks
+
+
+def n_params(cfg, embeddings=True):
+    return cfg.num_params(include_embeddings=embeddings)
+
+
+# ------------------------------------------------------------------------------- peer
+
+
+class TorchStep:
+    def __init__(self, cfg: LlamaConfig, seed=0):
+        import torch
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        hf = HFConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.hidden_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.max_seq_len,
+            rope_theta=cfg.rope_theta,
+            rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+        self.torch = torch
+        self.model = LlamaForCausalLM(hf).train()
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=OPTIM["lr"],
+            betas=(OPTIM["b1"], OPTIM["b2"]),
+            eps=OPTIM["eps"],
+            weight_decay=OPTIM["weight_decay"],
+        )
+
+    def batch(self, host):
+        t = self.torch
+        return t.from_numpy(host["inputs"]).long(), t.from_numpy(host["targets"]).long()
+
+    def __call__(self, batch) -> float:
+        inputs, targets = batch
+        logits = self.model(input_ids=inputs).logits
+        loss = self.torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.shape[-1]).float(), targets.view(-1)
+        )
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM["clip_norm"])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+# ------------------------------------------------------------------------------- sections
+
+
+def timed(fn, *a):
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0
+
+
+def timed2(fn, *a):
+    """(wall seconds, CPU seconds of this process, all threads). On a shared machine the
+    CPU seconds are far less sensitive to other processes' load than the wall time."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn(*a)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _q_chunk(args):
+    return args.q_chunk if args.attention == "xla_chunked" else None
+
+
+def section_throughput(args, peak, res):
+    cfg = herd_config(attention_impl=args.attention, attention_q_chunk=_q_chunk(args))
+    host = make_batch(cfg, docs=1)
+    herd = HerdStep(cfg, vocab_chunk=args.vocab_chunk)
+    hb = herd.batch(host)
+    lower_s, compile_s = herd.compile(hb)
+    log(f"herd step: lower {lower_s:.1f}s compile {compile_s:.1f}s")
+    peers = {}
+    if not args.no_peer:
+        peers["hf_torch"] = TorchStep(cfg)
+    pb = {k: p.batch(host) for k, p in peers.items()}
+    times = {"herd": [], **{k: [] for k in peers}}
+    cpu = {k: [] for k in times}
+    for i in range(args.warmup + args.steps):
+        tp = {"herd": timed2(herd, hb)}
+        tp.update({k: timed2(p, pb[k]) for k, p in peers.items()})
+        if i >= args.warmup:
+            for k, (w, c) in tp.items():
+                times[k].append(w)
+                cpu[k].append(c)
+        log(f"step {i}: " + " ".join(f"{k} {w:.2f}s (cpu {c:.2f}s)" for k, (w, c) in tp.items()))
+    fpt = flops_per_token(cfg, SEQ)
+    tokens = BATCH * SEQ
+    out = {
+        "flops_per_token": fpt,
+        "params": n_params(cfg),
+        "non_embedding_params": n_params(cfg, False),
+        "tokens_per_step": tokens,
+    }
+    for k, ts in times.items():
+        tps = tokens / median(ts)
+        out[k] = {
+            "step_s_median": median(ts),
+            "step_s_min": min(ts),
+            "tokens_per_s": tps,
+            "tokens_per_s_best": tokens / min(ts),
+            "mfu": tps * fpt / peak,
+            "steps": ts,
+        }
+    if "hf_torch" in out:
+        out["ratio_median"] = out["herd"]["tokens_per_s"] / out["hf_torch"]["tokens_per_s"]
+        out["ratio_best"] = out["herd"]["tokens_per_s_best"] / out["hf_torch"]["tokens_per_s_best"]
+        # per-round ratios: each round ran both within seconds, so load affects both alike
+        r = [b / a for a, b in zip(times["herd"], times["hf_torch"], strict=True)]
+        out["ratio_per_round_median"] = median(r)
+        out["ratio_cpu_seconds"] = median(cpu["hf_torch"]) / median(cpu["herd"])
+    res["throughput"] = out
+
+
+def section_compile(args, res):
+    out = []
+    host = None
+    for scan in (True, False):
+        for depth in args.depths:
+            cfg = herd_config(n_layers=depth, scan_layers=scan)
+            herd = HerdStep(cfg)
+            host = make_batch(cfg, batch=2, seq=128)
+            lo, co = herd.compile(herd.batch(host))
+            out.append({"scan": scan, "n_layers": depth, "lower_s": lo, "compile_s": co})
+            log(f"compile scan={scan} layers={depth}: lower {lo:.1f}s compile {co:.1f}s")
+            del herd
+    res["compile"] = out
+
+
+def section_memory(args, res):
+    out = []
+    for policy in ("none", "save_dots", "save_attn", "full"):
+        cfg = herd_config(remat_policy=policy)
+        herd = HerdStep(cfg)
+        host = make_batch(cfg)
+        herd.compile(herd.batch(host))
+        ma = herd.compiled.memory_analysis()
+        row = {"remat": policy}
+        for f in (
+            "temp_size_in_bytes",
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
+            row[f] = int(getattr(ma, f, -1))
+        out.append(row)
+        log(
+            f"memory remat={policy}: temp {row['temp_size_in_bytes'] / 2**20:.0f} MiB, "
+            f"args {row['argument_size_in_bytes'] / 2**20:.0f} MiB"
+        )
+        del herd
+    res["memory"] = out
+
+
+def section_profile(args, res):
+    """Forward / forward+backward / whole step of herd's model, alternating, medians; then
+    variants of the whole step (attention backend, vocab chunking, remat) in one loop."""
+    from herd.lm.model import chunked_cross_entropy, output_embedding
+
+    cfg = herd_config(attention_impl=args.attention, attention_q_chunk=_q_chunk(args))
+    host = make_batch(cfg)
+    herd = HerdStep(cfg)
+    batch = herd.batch(host)
+    herd.compile(batch)
+    params = herd.state.params
+    model = herd.model
+
+    def loss_fn(p, b):
+        h = model.apply(
+            {"params": p},
+            b["inputs"],
+            positions=b["positions"],
+            segment_ids=b["segment_ids"],
+            return_hidden=True,
+        )
+        s, n = chunked_cross_entropy(
+            h, output_embedding(p, cfg), b["targets"], b["loss_mask"], cfg.vocab_size
+        )
+        return s / n
+
+    def hidden_fn(p, b):
+        h = model.apply(
+            {"params": p},
+            b["inputs"],
+            positions=b["positions"],
+            segment_ids=b["segment_ids"],
+            return_hidden=True,
+        )
+        return jnp.sum(h)
+
+    fwd = jax.jit(loss_fn).lower(params, batch).compile()
+    grad = jax.jit(jax.grad(loss_fn)).lower(params, batch).compile()
+    body_grad = jax.jit(jax.grad(hidden_fn)).lower(params, batch).compile()
+    opt_update = None
+    try:
+        import optax
+
+        def upd(p, g, s):
+            u, s = herd.optimizer.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        g0 = grad(params, batch)
+        opt_update = jax.jit(upd).lower(params, g0, herd.state.opt_state).compile()
+    except Exception as e:  # pragma: no cover - diagnostic only
+        log("optimizer timing skipped:", e)
+
+    def block(x):
+        return jax.block_until_ready(x)
+
+    parts = {
+        "forward (loss)": lambda: block(fwd(params, batch)),
+        "forward+backward": lambda: block(grad(params, batch)),
+        "layers fwd+bwd (no head/loss)": lambda: block(body_grad(params, batch)),
+        "whole train step": lambda: herd(batch),
+    }
+    if opt_update is not None:
+        parts["optimizer update"] = lambda: block(opt_update(params, g0, herd.state.opt_state))
+    times = {k: [] for k in parts}
+    for i in range(args.profile_rounds + 1):
+        for k, f in parts.items():
+            t = timed(f)
+            if i:
+                times[k].append(t)
+    out = {"parts": {k: median(v) for k, v in times.items()}}
+    log("profile parts:", json.dumps(out["parts"], indent=1))
+
+    variants = {
+        "as benchmarked": dict(cfg=cfg, vocab_chunk=0),
+        "attention xla (jax.nn.dot_product_attention)": dict(
+            cfg=cfg.replace(attention_impl="xla", attention_q_chunk=None), vocab_chunk=0
+        ),
+        "vocab_chunk 2048": dict(cfg=cfg, vocab_chunk=2048),
+        "remat save_dots": dict(cfg=cfg.replace(remat_policy="save_dots"), vocab_chunk=0),
+    }
+    steps = {}
+    for name, v in variants.items():
+        h = HerdStep(v["cfg"], vocab_chunk=v["vocab_chunk"])
+        b = h.batch(host)
+        h.compile(b)
+        h(b)
+        steps[name] = (h, b)
+    vt = {k: [] for k in steps}
+    for _ in range(args.profile_rounds):
+        for k, (h, b) in steps.items():
+            vt[k].append(timed(h, b))
+    out["variants_step_s"] = {k: median(v) for k, v in vt.items()}
+    log("profile variants:", json.dumps(out["variants_step_s"], indent=1))
+    res["profile"] = out
+
+
+def section_accel(args, res):
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        log("accel: skipped (no GPU/TPU)")
+        return
+    impl = "splash" if dev.platform == "tpu" else args.gpu_attention
+    seq = args.accel_seq
+    cfg = LlamaConfig.preset("llama3_8b").replace(
+        n_layers=args.accel_layers,
+        dtype="bfloat16",
+        param_dtype="float32",
+        attention_impl=impl,
+        max_seq_len=max(seq, 8192),
+        remat_policy=args.accel_remat,
+    )
+    herd = HerdStep(cfg, vocab_chunk=args.accel_vocab_chunk)
+    host = make_batch(cfg, batch=args.accel_batch, seq=seq, docs=4)
+    b = herd.batch(host)
+    lo, co = herd.compile(b)
+    ts = []
+    for i in range(args.warmup + args.steps):
+        t = timed(herd, b)
+        if i >= args.warmup:
+            ts.append(t)
+    fpt = flops_per_token(cfg, seq)
+    tokens = args.accel_batch * seq
+    measured = matmul_peak(n=8192, reps=10, dtype=jnp.bfloat16)["peak"]
+    vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in dev.device_kind), None)
+    tps = tokens / median(ts)
+    res["accel"] = {
+        "device": dev.device_kind,
+        "attention_impl": impl,
+        "n_layers": cfg.n_layers,
+        "seq": seq,
+        "batch": args.accel_batch,
+        "remat": args.accel_remat,
+        "compile_s": lo + co,
+        "step_s_median": median(ts),
+        "tokens_per_s": tps,
+        "flops_per_token": fpt,
+        "measured_bf16_peak": measured,
+        "vendor_bf16_peak": vendor,
+        "mfu_vs_measured": tps * fpt / measured,
+        "mfu_vs_vendor": (tps * fpt / vendor) if vendor else None,
+    }
+    log(json.dumps(res["accel"], indent=1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="peak,throughput,compile,memory,profile,accel")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per contestant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attention", default="xla_chunked", help="herd attention_impl")
+    p.add_argument("--q-chunk", type=int, default=128, help="attention_q_chunk (xla_chunked)")
+    p.add_argument("--vocab-chunk", type=int, default=0, help="0 = whole vocabulary")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8, 16])
+    p.add_argument("--profile-rounds", type=int, default=5)
+    p.add_argument("--gpu-attention", default="cudnn", choices=["cudnn", "pallas_gpu", "xla"])
+    p.add_argument("--accel-layers", type=int, default=4)
+    p.add_argument("--accel-seq", type=int, default=8192)
+    p.add_argument("--accel-batch", type=int, default=1)
+    p.add_argument("--accel-remat", default="save_dots")
+    p.add_argument("--accel-vocab-chunk", type=int, default=16384)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+
+    res = {"machine": machine(), "argv": sys.argv[1:], "config": BENCH, "seq": SEQ, "batch": BATCH}
+    log(json.dumps(res["machine"]))
+    peak = None
+    if "peak" in sections or "throughput" in sections:
+        if jax.devices()[0].platform == "cpu":
+            res["peak"] = matmul_peak()
+            peak = res["peak"]["peak"]
+            log("matmul peak (FLOP/s):", json.dumps(res["peak"]))
+    if "throughput" in sections and jax.devices()[0].platform == "cpu":
+        section_throughput(args, peak, res)
+        t = res["throughput"]
+        log(f"herd {t['herd']['tokens_per_s']:.0f} tok/s (MFU {t['herd']['mfu']:.1%})")
+        if "hf_torch" in t:
+            log(
+                f"hf_torch {t['hf_torch']['tokens_per_s']:.0f} tok/s "
+                f"(MFU {t['hf_torch']['mfu']:.1%}); ratio {t['ratio_median']:.2f} "
+                f"(per-round median {t['ratio_per_round_median']:.2f})"
+            )
+        if "peak" in sections:  # measure the peak again: the load may have changed
+            res["peak_after"] = matmul_peak()
+            log("matmul peak after (FLOP/s):", json.dumps(res["peak_after"]))
+    if "compile" in sections:
+        section_compile(args, res)
+    if "memory" in sections:
+        section_memory(args, res)
+    if "profile" in sections:
+        section_profile(args, res)
+    if "accel" in sections:
+        section_accel(args, res)
+    res["machine"]["uptime_end"] = machine()["uptime"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                res,
+                f,
+                indent=1,
+                default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o),
+            )
+    return res
+
+
+if __name__ == "__main__":
+    main()
