@@ -470,7 +470,7 @@ def section_accel(args, res):
         return
     impl = "splash" if dev.platform == "tpu" else args.gpu_attention
     seq = args.accel_seq
-    cfg = LlamaConfig.preset("llama3_8b").replace(
+    cfg = LlamaConfig.preset("llama3-8b").replace(
         n_layers=args.accel_layers,
         dtype="bfloat16",
         param_dtype="float32",
