@@ -1,9 +1,11 @@
 """The embedded default: a small Llama-3-style model pre-trained on the stdlib sources.
 
-GQA (4 query / 2 kv heads), RoPE theta 5e5, document masking of packed sequences,
-untied output head, float32 on CPU. About five minutes on 2 CPU cores (tokenizer
-training, compile, training, eval and a greedy sample included); the eval loss falls
-from ~7.6 (uniform over the vocabulary) to well under half of that.
+1.3M params: dim 128, 4 layers, GQA (4 query / 2 kv heads), SwiGLU 384, RoPE theta 5e5,
+document masking of packed sequences, untied output head, float32; a 2048-token
+SentencePiece BPE trained on the corpus. 450 steps of 16 x 256 tokens (1.8M tokens).
+Cost: about 0.95 CPU-seconds per step, so about five minutes on 2 quiet CPU cores with
+tokenizer training, compiling, 10 evals and the sample. Measured (400 steps, a heavily
+shared machine): eval loss 7.65 (uniform) -> 6.00 (step 50) -> 5.28 (200) -> 4.86 (400).
 """
 
 from configs.lm.common import base_config
@@ -29,7 +31,7 @@ def get_config(arg=None):
     c.data.global_batch_size = 16
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 30
-    c.train.steps = 400
+    c.train.steps = 450
     c.train.eval_every = 50
     c.train.eval_batches = 4
     c.train.checkpoint_every = 100
