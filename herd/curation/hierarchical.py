@@ -298,20 +298,26 @@ def hierarchical_kmeans(
         levels = _resume(workdir, config)
     for i in range(len(levels), n_levels):
         items = x if i == 0 else levels[-1].centroids
-        n_items = items.shape[0] if i else int(np.isfinite(np.asarray(x)).all(1).sum())
-        if ks[i] > n_items:
-            raise ValueError(f"level {i}: k={ks[i]} is larger than the number of items ({n_items})")
+        if i > 0 and ks[i] > items.shape[0]:
+            raise ValueError(
+                f"level {i}: k={ks[i]} is larger than the number of items ({items.shape[0]})"
+            )
         t = _seed(seed, 100 + i)
-        if i == 0 and split_first:
-            level = _run_split_level(
-                items, ks[0], split_first, steps[0], sizes[0], n_iters=n_iters, seed=t,
-                strategy=sample_strategy, kw=kw,
-            )  # fmt: skip
-        else:
-            level = _run_level(
-                items, ks[i], steps[i], sizes[i], n_iters=n_iters, seed=t,
-                strategy=sample_strategy, kw=kw,
-            )  # fmt: skip
+        try:  # level 0: kmeans checks k against the finite rows (x may be a memmap)
+            if i == 0 and split_first:
+                level = _run_split_level(
+                    items, ks[0], split_first, steps[0], sizes[0], n_iters=n_iters, seed=t,
+                    strategy=sample_strategy, kw=kw,
+                )  # fmt: skip
+            else:
+                level = _run_level(
+                    items, ks[i], steps[i], sizes[i], n_iters=n_iters, seed=t,
+                    strategy=sample_strategy, kw=kw,
+                )  # fmt: skip
+        except ValueError as e:
+            if str(e).startswith("level "):
+                raise
+            raise ValueError(f"level {i}: {e}") from e
         levels.append(level)
         if verbose:
             print(f"hierarchical_kmeans: level {i} done: k={level.k}", flush=True)

@@ -141,3 +141,10 @@ def test_killed_run_resumes_and_matches(tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded.levels[2].centroids, full.levels[2].centroids)
     with pytest.raises(ValueError, match="different configuration"):
         hierarchical_kmeans(x, [40, 15, 6], [2, 2, 2], [3, 2, 2], workdir=str(tmp_path), **kw)
+
+
+def test_level0_k_too_large_names_level_and_value():
+    x = _data(n=100)
+    x[:5] = np.nan
+    with pytest.raises(ValueError, match="level 0: k=96 .*95 finite rows"):
+        hierarchical_kmeans(x, [96, 5], n_iters=2)
