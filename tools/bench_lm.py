@@ -314,7 +314,9 @@ def section_throughput(args, peak, res):
             "tokens_per_s": tps,
             "tokens_per_s_best": tokens / min(ts),
             "mfu": tps * fpt / peak,
+            "cpu_s_median": median(cpu[k]),
             "steps": ts,
+            "cpu_steps": cpu[k],
         }
     if "hf_torch" in out:
         out["ratio_median"] = out["herd"]["tokens_per_s"] / out["hf_torch"]["tokens_per_s"]
@@ -548,7 +550,8 @@ def main(argv=None):
             log(
                 f"hf_torch {t['hf_torch']['tokens_per_s']:.0f} tok/s "
                 f"(MFU {t['hf_torch']['mfu']:.1%}); ratio {t['ratio_median']:.2f} "
-                f"(per-round median {t['ratio_per_round_median']:.2f})"
+                f"(per-round median {t['ratio_per_round_median']:.2f}; CPU-seconds ratio "
+                f"{t['ratio_cpu_seconds']:.2f})"
             )
         if "peak" in sections:  # measure the peak again: the load may have changed
             res["peak_after"] = matmul_peak()
