@@ -379,7 +379,9 @@ def section_profile(args, res):
     herd = HerdStep(cfg)
     batch = herd.batch(host)
     herd.compile(batch)
-    params = herd.state.params
+    # Copies: the whole-step timing below donates (deletes) herd.state's buffers.
+    params = jax.tree.map(jnp.copy, herd.state.params)
+    opt_state = jax.tree.map(jnp.copy, herd.state.opt_state)
     model = herd.model
 
     def loss_fn(p, b):
@@ -417,7 +419,7 @@ def section_profile(args, res):
             return optax.apply_updates(p, u), s
 
         g0 = grad(params, batch)
-        opt_update = jax.jit(upd).lower(params, g0, herd.state.opt_state).compile()
+        opt_update = jax.jit(upd).lower(params, g0, opt_state).compile()
     except Exception as e:  # pragma: no cover - diagnostic only
         log("optimizer timing skipped:", e)
 
@@ -431,7 +433,7 @@ def section_profile(args, res):
         "whole train step": lambda: herd(batch),
     }
     if opt_update is not None:
-        parts["optimizer update"] = lambda: block(opt_update(params, g0, herd.state.opt_state))
+        parts["optimizer update"] = lambda: block(opt_update(params, g0, opt_state))
     times = {k: [] for k in parts}
     for i in range(args.profile_rounds + 1):
         for k, f in parts.items():
