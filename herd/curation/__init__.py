@@ -8,6 +8,7 @@ name); reach the module's other names with ``from herd.curation.kmeans import ..
 
 from herd.curation.hierarchical import ClusterLevel, ClusterTree, hierarchical_kmeans
 from herd.curation.kmeans import assign, kmeans, kmeans_plusplus
+from herd.curation.sampling import balanced_sample
 
 __all__ = [
     "ClusterLevel",
@@ -18,12 +19,3 @@ __all__ = [
     "kmeans",
     "kmeans_plusplus",
 ]
-
-
-def __getattr__(name):
-    # Lazy: balanced_sample lives in sampling.py (written by the CURATE helper).
-    if name == "balanced_sample":
-        from herd.curation.sampling import balanced_sample
-
-        return balanced_sample
-    raise AttributeError(f"module 'herd.curation' has no attribute {name!r}")

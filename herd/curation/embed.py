@@ -23,7 +23,12 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from herd.core import mesh as mesh_lib
+from herd.lm.model import Llama
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +76,7 @@ def embed_to_npy(
 
     Returns: the memmap (opened read-only again), shape ``[n_rows, dim]``.
     """
-    import jax
     from tqdm.auto import tqdm
-
-    from herd.core import mesh as mesh_lib
 
     if mesh is None:
         mesh = mesh_lib.make_mesh({"fsdp": -1})
@@ -144,10 +146,7 @@ def embed_to_npy(
 def params_on_mesh(params, mesh):
     """Leaves already laid out on ``mesh`` stay; the others (host arrays, arrays committed to
     one device, as orbax restores them) are replicated on it."""
-    import jax
     from jax.sharding import NamedSharding
-
-    from herd.core import mesh as mesh_lib
 
     rep = mesh_lib.replicated(mesh)
 
@@ -164,11 +163,6 @@ def shard_llama_params(params, config, mesh):
     """Lays Llama params out on ``mesh`` by their logical axis names (herd.core.mesh
     DEFAULT_RULES: FSDP over 'embed', tensor parallel over heads/mlp/vocab), so a model too
     large for one device can embed."""
-    import jax
-    import jax.numpy as jnp
-
-    from herd.core import mesh as mesh_lib
-    from herd.lm.model import Llama
 
     boxed = jax.eval_shape(
         lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
@@ -185,9 +179,6 @@ def llama_embed_fn(config) -> Callable:
     'positions'. Padding gets segment id 0, so real tokens never attend to it, and it is
     left out of the mean (a row without tokens embeds to zeros).
     """
-    import jax.numpy as jnp
-
-    from herd.lm.model import Llama
 
     model = Llama(config)
 
@@ -280,7 +271,6 @@ def embed_texts(
 ) -> tuple[np.ndarray, dict]:
     """Tokenises ``texts`` (BOS + text, truncated to ``seq_len``) and writes their Llama
     embeddings to ``out_path``. Returns (memmap [n, dim], info with counts)."""
-    from herd.core import mesh as mesh_lib
 
     if mesh is None:
         mesh = mesh_lib.make_mesh({"fsdp": -1})

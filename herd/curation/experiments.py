@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from herd.curation.hierarchical import hierarchical_kmeans
+from herd.curation.kmeans import kmeans
+from herd.curation.sampling import balanced_sample
+
 __all__ = [
     "make_2d_mixture",
     "kde_kl_to_uniform",
@@ -101,8 +105,6 @@ def run_2d_experiment(
     Returns a dict with the data, both sets of final centroids, the tree and the three KL
     figures ('kl_flat', 'kl_hierarchical', 'kl_bound').
     """
-    from herd.curation.hierarchical import hierarchical_kmeans
-    from herd.curation.kmeans import kmeans
 
     x, labels = make_2d_mixture(seed)
     flat, _ = kmeans(x, ks[-1], n_iters, seed=seed, mesh=mesh)[:2]
@@ -172,9 +174,6 @@ def run_long_tail_experiment(
     **mixture_kw,
 ) -> dict:
     """Entropy of the concept histogram: full pool, random subset, curated subset."""
-    from herd.curation.hierarchical import hierarchical_kmeans
-    from herd.curation.sampling import balanced_sample
-
     x, concept = make_long_tailed_mixture(seed=seed, **mixture_kw)
     n_concepts = int(concept.max()) + 1
     target = int(round(fraction * x.shape[0]))

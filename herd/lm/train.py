@@ -52,6 +52,10 @@ from herd.core.checkpoint import Checkpointer
 from herd.core.loop import TrainState, train_loop
 from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
 from herd.core.optim import accumulate_gradients, make_optimizer
+from herd.lm import data as data_lib
+from herd.lm import tokenizer as tok_lib
+from herd.lm.attention import check_attention_config
+from herd.lm.model import Llama, LlamaConfig, chunked_cross_entropy, output_embedding
 
 __all__ = [
     "build_model_config",
@@ -79,8 +83,6 @@ def build_model_config(model_cfg: ml_collections.ConfigDict | dict):
     LlamaConfig validates itself (heads divisible by kv heads, dim by heads, ...) and an
     unknown preset raises listing the valid ones.
     """
-    from herd.lm.model import LlamaConfig
-
     fields = {k: v for k, v in dict(model_cfg).items() if v is not None}
     if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
         fields["rope_scaling"] = dict(fields["rope_scaling"])
@@ -107,10 +109,6 @@ def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> None:
     chunk = cfg.train.get("vocab_chunk") or 0
     if chunk < 0:
         raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
-    try:
-        from herd.lm.attention import check_attention_config
-    except ImportError:  # pragma: no cover - attention module is part of the package
-        return
     check_attention_config(
         model_config.attention_impl,
         seq_len,
@@ -160,7 +158,6 @@ def make_init_fn(model, optimizer, init_len: int = 8):
 
 
 def _loss_fn(model, vocab_chunk: int):
-    from herd.lm.model import chunked_cross_entropy, output_embedding
 
     chunk = vocab_chunk or model.config.vocab_size
 
@@ -317,8 +314,6 @@ def _sample_texts(src, n: int) -> list[str]:
 
 def _tokenizer_for(cfg, train_source, corpus_hash: str, say):
     """The configured tokenizer file, or a SentencePiece BPE trained on the corpus (cached)."""
-    from herd.lm import data as data_lib
-    from herd.lm import tokenizer as tok_lib
 
     vocab = int(cfg.model.vocab_size) if cfg.model.get("vocab_size") else None
     path = cfg.data.get("tokenizer") or ""
@@ -358,7 +353,6 @@ def _tokenizer_for(cfg, train_source, corpus_hash: str, say):
 
 def _corpus(cfg, say):
     """(train source, eval source, corpus hash) from cfg.data; raises if missing or empty."""
-    from herd.lm import data as data_lib
 
     source = cfg.data.get("source") or ""
     if not source:
@@ -400,7 +394,6 @@ def _build(model_config, optim_items, steps, mesh, grad_accum_steps, vocab_chunk
     Cached, so repeated `run()` calls in one process (tests, notebooks, resumes) reuse the
     compiled executables instead of compiling them again.
     """
-    from herd.lm.model import Llama
 
     model = Llama(model_config)
     optimizer, schedule = make_optimizer(dict(optim_items), steps)
@@ -444,7 +437,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
               'sample': str, 'final_step': int, 'workdir': str, 'seconds': float,
               'state': the final TrainState}
     """
-    from herd.lm import data as data_lib
 
     t_run = time.perf_counter()
     workdir = os.path.abspath(workdir)
