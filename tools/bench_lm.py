@@ -51,7 +51,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from herd.core import mesh as mesh_lib  # noqa: E402
 from herd.core.optim import make_optimizer  # noqa: E402
 from herd.lm.model import Llama, LlamaConfig  # noqa: E402
-from herd.lm.train import flops_per_token, make_init_fn, make_train_step  # noqa: E402
+from herd.lm.train import (  # noqa: E402
+    _loss_fn,
+    flops_per_token,
+    make_init_fn,
+    make_train_step,
+)
 
 BENCH = dict(
     vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_seq_len=512
@@ -372,7 +377,6 @@ def section_memory(args, res):
 def section_profile(args, res):
     """Forward / forward+backward / whole step of herd's model, alternating, medians; then
     variants of the whole step (attention backend, vocab chunking, remat) in one loop."""
-    from herd.lm.model import chunked_cross_entropy, output_embedding
 
     cfg = herd_config(attention_impl=args.attention, attention_q_chunk=_q_chunk(args))
     host = make_batch(cfg)
@@ -384,17 +388,10 @@ def section_profile(args, res):
     opt_state = jax.tree.map(jnp.copy, herd.state.opt_state)
     model = herd.model
 
+    token_loss = _loss_fn(model, 0)  # the train step's own loss (whole vocabulary)
+
     def loss_fn(p, b):
-        h = model.apply(
-            {"params": p},
-            b["inputs"],
-            positions=b["positions"],
-            segment_ids=b["segment_ids"],
-            return_hidden=True,
-        )
-        s, n = chunked_cross_entropy(
-            h, output_embedding(p, cfg), b["targets"], b["loss_mask"], cfg.vocab_size
-        )
+        s, n = token_loss(p, b)
         return s / n
 
     def hidden_fn(p, b):

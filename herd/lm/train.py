@@ -158,7 +158,6 @@ def make_init_fn(model, optimizer, init_len: int = 8):
 
 
 def _loss_fn(model, vocab_chunk: int):
-
     chunk = vocab_chunk or model.config.vocab_size
 
     def loss_fn(params, batch):
