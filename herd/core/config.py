@@ -151,3 +151,34 @@ def define_config_flag(default_relative: str, name: str = "config"):
         "Experiment config file (path.py[:arg]).",
         lock_config=True,
     )
+
+
+def run_entry(
+    run_fn,
+    default_config: str,
+    default_workdir: str,
+    workdir_help: str,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """The absl wiring every `python -m herd.X` entry shares.
+
+    Defines `--config` (with `--config.k=v` overrides) and `--workdir`, refuses stray
+    positional arguments, quiets absl's INFO logging (orbax logs every file it writes at
+    INFO) and calls `run_fn(config, workdir)`.
+    """
+    import sys
+
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    config_flag = define_config_flag(default_config)
+    if "workdir" not in flags.FLAGS:
+        flags.DEFINE_string("workdir", default_workdir, workdir_help)
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        run_fn(config_flag.value, flags.FLAGS.workdir)
+
+    app.run(_main, argv=list(argv) if argv is not None else sys.argv)

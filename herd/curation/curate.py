@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -461,23 +460,9 @@ def run(cfg, workdir: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m herd.curation.curate [--config=path.py[:arg]] [--config.k=v] [--workdir=DIR]`."""
-    from absl import app, flags
+    from herd.core.config import run_entry
 
-    from herd.core.config import define_config_flag
-
-    config_flag = define_config_flag(DEFAULT_CONFIG)
-    if "workdir" not in flags.FLAGS:
-        flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Outputs (indices, tree, plots) go here.")
-
-    def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {args[1:]}")
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        run(config_flag.value, flags.FLAGS.workdir)
-
-    app.run(_main, argv=list(argv) if argv is not None else sys.argv)
+    run_entry(run, DEFAULT_CONFIG, DEFAULT_WORKDIR, "Outputs (indices, tree, plots) go here.", argv)
 
 
 if __name__ == "__main__":

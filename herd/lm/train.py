@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from herd.core import mesh as mesh_lib
 from herd.core.checkpoint import Checkpointer
+from herd.core.config import run_entry
 from herd.core.loop import TrainState, train_loop
 from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
 from herd.core.optim import accumulate_gradients, make_optimizer
@@ -606,26 +607,19 @@ DEFAULT_WORKDIR = os.path.join(".", "workdir", "lm")
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m herd.lm.train [--config=path.py[:arg]] [--config.k=v] [--workdir=DIR]`."""
-    from absl import app, flags
 
-    from herd.core.config import define_config_flag
-
-    config_flag = define_config_flag(DEFAULT_CONFIG)
-    if "workdir" not in flags.FLAGS:
-        flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Checkpoints, metrics and logs go here.")
-
-    def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {args[1:]}")
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file at INFO
-        summary = run(config_flag.value, flags.FLAGS.workdir)
-        if summary["preempted"]:
+    def run_and_exit_on_preemption(cfg, workdir):
+        if run(cfg, workdir)["preempted"]:
             # SIGTERM: the state is checkpointed; rerunning the same command resumes.
             sys.exit(143)
 
-    app.run(_main, argv=list(argv) if argv is not None else sys.argv)
+    run_entry(
+        run_and_exit_on_preemption,
+        DEFAULT_CONFIG,
+        DEFAULT_WORKDIR,
+        "Checkpoints, metrics and logs go here.",
+        argv,
+    )
 
 
 if __name__ == "__main__":
