@@ -19,8 +19,16 @@ elapsed() { echo $(( $(date +%s) - start )); }
 
 { nvidia-smi; python --version; python -c "import jax; print(jax.__version__, jax.devices())"; } \
   >"$OUT/machine.txt" 2>&1
-pip install -q --no-index --find-links .whl/gpu grain ml-collections tensorboardX tqdm pytest \
-  array_record >"$OUT/pip.txt" 2>&1
+# Install only what is missing, wheel by wheel without dependency resolution: that
+# machine's own numpy/protobuf/absl must stay as they are.
+for pair in grain:grain- ml_collections:ml_collections- tensorboardX:tensorboardx- tqdm:tqdm- \
+    pytest:pytest- array_record:array_record- cloudpickle:cloudpickle- etils:etils- \
+    portpicker:portpicker- yaml:pyyaml- absl:absl_py- fsspec:fsspec- zipp:zipp-; do
+  mod=${pair%%:*} whl=${pair#*:}
+  python -c "import $mod" 2>/dev/null ||
+    python -m pip install -q --no-deps --no-index .whl/gpu/${whl}*.whl >>"$OUT/pip.txt" 2>&1
+done
+python -c "import grain, ml_collections, tensorboardX, tqdm, pytest" >>"$OUT/pip.txt" 2>&1
 echo "setup done at $(elapsed)s" | tee "$OUT/progress.txt"
 
 JAX_PLATFORMS=cuda timeout 120 python -m pytest -q -p no:cacheprovider tests/lm/test_attention.py \
@@ -33,7 +41,7 @@ timeout "${ACCEL_TIMEOUT:-240}" python tools/bench_lm.py --sections accel \
   --steps 5 --warmup 2 --json "$OUT/accel.json" >"$OUT/accel.txt" 2>&1
 echo "accel rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 
-timeout 60 python - >"$OUT/kmeans_gpu.txt" 2>&1 <<'EOF'
+timeout 100 python - >"$OUT/kmeans_gpu.txt" 2>&1 <<'EOF'
 import json, time
 import numpy as np
 import jax
@@ -45,13 +53,15 @@ n, d, k, iters = 1_000_000, 128, 1024, 20
 x = bc.make_data(n, d)
 c0 = x[np.random.default_rng(0).choice(n, k, replace=False)]
 out = {"device": jax.devices()[0].device_kind}
-for rep in range(2):  # the first includes compilation
-    t = time.perf_counter()
-    c, a = kmeans(x, k, n_iters=iters, init=c0)
-    out[f"lloyd_s_rep{rep}"] = time.perf_counter() - t
-s = out["lloyd_s_rep1"] / (iters + 1)
-out.update(lloyd_s_per_iter=s, lloyd_tflops=2 * n * d * k / s / 1e12,
-           inertia=bc.inertia_of(x, c))
+for tile in (512, 4096, 32768):  # rows per tile of the nearest-centroid search
+    ts = []
+    for rep in range(2):  # the first includes compilation
+        t = time.perf_counter()
+        c, a = kmeans(x, k, n_iters=iters, init=c0, tile=tile)
+        ts.append(time.perf_counter() - t)
+    s = ts[1] / (iters + 1)
+    out[f"tile{tile}"] = dict(first_s=ts[0], s_per_iter=s, tflops=2 * n * d * k / s / 1e12,
+                              inertia=bc.inertia_of(x, c))
 for rep in range(2):
     t = time.perf_counter()
     kmeans_plusplus(x, k, seed=0)
