@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "assign",
     "default_mesh",
+    "default_tile",
     "kmeans",
     "kmeans_plusplus",
     "kmeanspp_draws",
@@ -46,7 +47,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE = 512
+DEFAULT_TILE = 512  # rows per Lloyd distance tile on CPU (see default_tile)
+# On GPU/TPU larger tiles amortise per-tile loop overhead: measured on an H100 (1M x 128,
+# k = 1024, seconds per Lloyd iteration): tile 512 -> 0.077, 4096 -> 0.049, 32768 -> 0.042.
+ACCEL_MAX_TILE = 32768
+ACCEL_TILE_BYTES = 256 << 20  # bound on one [tile, k] distance block on an accelerator
 KPP_TILE = 16384  # rows per tile of the k-means++ candidate-distance pass
 PICK_TILE = 512  # rows per tile of k-means++'s two-level inverse-CDF sampling
 # Rows processed at once when streaming a memmap (and the in-memory limit for memmaps).
@@ -98,12 +103,44 @@ def _x64(dtype):
     return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
 
 
+# Tile counts are rounded up to a multiple of at most this many tiles (see _bucket).
+BUCKET_MAX_STEP = 16
+
+
 def _bucket(n: int) -> int:
-    """Rounds n up to 2^e * {1, 1.25, 1.5, 1.75}: bounded padding, few distinct shapes."""
+    """Rounds n (tiles) up to a multiple of a step: few distinct shapes (each one costs
+    XLA compilations, ~1 s), bounded padding (each padded row costs as much as a real one).
+
+    The step is 2^e / 4 for n in [2^e, 2^(e+1)) (<= 25% padding, as few shapes as
+    possible for small n), but at most BUCKET_MAX_STEP tiles (8192 rows of 512) and at
+    least 2^e / 32 (<= ~3% padding for huge n). At 300k rows the old 2^e / 4 step padded
+    586 tiles to 640 (9% wasted work); now 592 (1%). The resampling runs of a level
+    (n within a few % of each other) still mostly share one shape.
+    """
     if n <= 4:
         return max(n, 1)
-    e = 2 ** (int(math.log2(n)) - 2)
-    return -(-n // e) * e
+    top = 2 ** int(math.log2(n))
+    step = max(min(top // 4, BUCKET_MAX_STEP), top // 32)
+    return -(-n // step) * step
+
+
+def default_tile(platform: str, k: int, itemsize: int = 4) -> int:
+    """Rows per Lloyd distance tile when the caller passes none: DEFAULT_TILE on CPU
+    (fastest there: the [tile, k] block stays in cache); on an accelerator the largest
+    power of two <= ACCEL_MAX_TILE whose [tile, k] block fits ACCEL_TILE_BYTES (so a
+    huge k still gets a small tile), but not below 64."""
+    if platform == "cpu":
+        return DEFAULT_TILE
+    tile = ACCEL_MAX_TILE
+    while tile > 64 and tile * max(k, 1) * itemsize > ACCEL_TILE_BYTES:
+        tile //= 2
+    return tile
+
+
+def _resolve_tile(tile, mesh: Mesh, k: int, dtype) -> int:
+    if tile is not None:
+        return int(tile)
+    return default_tile(mesh.devices.flat[0].platform, k, np.dtype(dtype).itemsize)
 
 
 def _row_layout(n: int, n_dev: int, tile: int) -> tuple[int, int]:
@@ -790,7 +827,7 @@ def kmeans(
     *,
     mesh: Mesh | None = None,
     dtype=np.float32,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     init_method: str | None = None,
     n_local_trials: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -816,6 +853,7 @@ def kmeans(
         streamed memmaps) or 'random' (k distinct random rows).
       dtype: np.float32 (default) or np.float64 (runs under a scoped ``jax.enable_x64``).
       tile: rows per distance tile (the [tile, k] distance block is the largest temporary).
+        Default (None): :func:`default_tile` of the mesh's platform, k and dtype.
       max_replicated_centroid_bytes: above this the centroids are sharded along k.
       update: 'scatter' (segment sums by scatter-add) or 'onehot' (one-hot matmul).
       return_inertia: also return the final inertia (sum of squared distances).
@@ -836,6 +874,7 @@ def kmeans(
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
     user_mesh = mesh
     mesh = _pick_mesh(mesh, x)
+    tile = _resolve_tile(tile, mesh, k, dtype)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
         _check_k(k, data)
@@ -906,7 +945,7 @@ def assign(
     *,
     mesh: Mesh | None = None,
     dtype=np.float32,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_replicated_centroid_bytes: int = MAX_REPLICATED_CENTROID_BYTES,
 ):
@@ -918,6 +957,7 @@ def assign(
         raise ValueError(f"centroids must be [k, {x.shape[1]}], got {centroids.shape}")
     host = _use_host(mesh, x, centroids.shape[0], isinstance(x, np.memmap))
     mesh = _pick_mesh(mesh, x)
+    tile = _resolve_tile(tile, mesh, centroids.shape[0], dtype)
     with _x64(dtype):
         data = _Data(x, mesh, dtype, tile, chunk_rows)
         if host:

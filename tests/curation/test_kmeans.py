@@ -234,3 +234,31 @@ def test_host_path_matches_device_path():
     np.testing.assert_allclose(h[0], dv[0], rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(h[1], dv[1])
     assert h.n_reseeded == dv.n_reseeded >= 1
+
+
+def test_default_tile_by_platform():
+    # CPU keeps DEFAULT_TILE whatever k; accelerators get the largest power of two
+    # <= ACCEL_MAX_TILE whose [tile, k] block fits ACCEL_TILE_BYTES.
+    for k in (1, 1024, 100_000, 10_000_000):
+        assert km.default_tile("cpu", k) == km.DEFAULT_TILE == 512
+    assert km.default_tile("gpu", 1024) == 32768
+    assert km.default_tile("tpu", 2048) == 32768  # exactly 256 MiB
+    assert km.default_tile("gpu", 2049) == 16384
+    assert km.default_tile("gpu", 2048, itemsize=8) == 16384
+    assert km.default_tile("gpu", 100_000) == 512
+    assert km.default_tile("gpu", 10**9) == 64
+    mesh = km.default_mesh(jax.devices()[:1])
+    assert km._resolve_tile(None, mesh, 10**6, np.float32) == 512  # the test mesh is CPU
+    assert km._resolve_tile(128, mesh, 10, np.float32) == 128  # explicit tiles honoured
+
+
+def test_row_bucket_bounds_padding_and_shapes():
+    for n in list(range(1, 300)) + [586, 1000, 4097, 20_000, 123_457]:
+        b = km._bucket(n)
+        assert n <= b <= max(n + km.BUCKET_MAX_STEP - 1, n * 1.25 + 1)
+        if n >= 512:
+            assert b <= n * (1 + 1 / 32) + 1
+    # 300k rows of 512: 586 tiles -> 592 (the old 2^e / 4 step gave 640)
+    assert km._row_layout(300_000, 1, 512) == (512, 592 * 512)
+    # nearby sizes (resampling runs) share one shape
+    assert km._row_layout(77_182, 1, 512) == km._row_layout(79_221, 1, 512)
