@@ -187,86 +187,179 @@ def _xla(q, k, v, segment_ids, causal):
 
 
 def _chunked(q, k, v, segment_ids, causal, chunk):
+    """Query-chunked exact attention with a flash-attention style backward pass.
+
+    Heads are laid out ``[B, KV, G, T, D]`` once per call so that every per-chunk product
+    is a plain batched matmul over (B, KV) with the G query heads of a group stacked on
+    the rows (no K/V copies, no per-chunk transposes). The forward keeps only the output
+    and the log-sum-exp of each query row; the backward recomputes the probabilities
+    from them (one exp, no max/sum/divide) and uses ``rowsum(dO * O)`` for the softmax
+    Jacobian, as in FlashAttention-2 (Dao 2023, Algorithm 2), so nothing ``T x S`` is
+    saved between the passes.
+    """
     b, t, h, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    kv = k.shape[2]
     g = h // kv
     n = -(-t // chunk)
     pad = n * chunk - t
-    scale = 1.0 / math.sqrt(d)
-    qg = q.reshape(b, t, kv, g, d)
+    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    seg = segment_ids
     if pad:
-        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    # [n, B, C, KV, G, D]
-    qc = qg.reshape(b, n, chunk, kv, g, d).transpose(1, 0, 2, 3, 4, 5)
-    if segment_ids is not None:
-        seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad))) if pad else segment_ids
-        seg_qc = seg_q.reshape(b, n, chunk).transpose(1, 0, 2)
-    else:
-        seg_qc = jnp.zeros((n, b, chunk), jnp.int32)
-    starts = jnp.arange(n, dtype=jnp.int32) * chunk
-    kpos = jnp.arange(s, dtype=jnp.int32)
-    stat_dtype = jnp.promote_types(q.dtype, jnp.float32)
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        if seg is not None:  # padded query rows get their own (discarded) id
+            seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    extents = _key_extents(n, chunk, k.shape[1], t, bool(causal))
+    out = _flash(qh, kh, vh, seg, segment_ids, bool(causal), int(chunk), extents)
+    return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
-    @jax.checkpoint
-    def one_chunk(args):
-        qi, seg_i, start = args
-        logits = jnp.einsum(
-            "bckgd,bskd->bkgcs", qi, k, preferred_element_type=stat_dtype
-        ) * jnp.asarray(scale, stat_dtype)
-        allowed = jnp.ones((b, chunk, s), bool)
-        if causal:
-            qpos = start + jnp.arange(chunk, dtype=jnp.int32)
-            allowed = allowed & (qpos[:, None] >= kpos[None, :])[None]
-        if segment_ids is not None:
-            allowed = allowed & (seg_i[:, :, None] == segment_ids[:, None, :])
-        # Rows with nothing allowed (only the chunk's padding tail) get a uniform softmax.
-        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(stat_dtype).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
 
+def _key_extents(n: int, chunk: int, s: int, t: int, causal: bool) -> tuple[int, ...] | None:
+    """Keys each query chunk reads: [0, (i + 1) * chunk) when causal self-attention (the
+    masked upper triangle is never computed, about (n + 1) / 2n of the full work), for up
+    to _MAX_UNROLLED_CHUNKS unrolled chunks; None means every chunk reads all S keys in a
+    loop (long sequences, non-causal or cross attention)."""
     if causal and s == t and n <= _MAX_UNROLLED_CHUNKS:
-        # Block-causal skipping: query chunk i only reads keys [0, (i + 1) * chunk), a
-        # static slice per unrolled chunk, so the masked upper triangle is never computed
-        # (about (n + 1) / 2n of the full T x S work, as in flash-attention kernels).
-        outs = []
-        for i in range(n):
-            end = min((i + 1) * chunk, s)
-            outs.append(
-                _one_chunk_keys(
-                    qc[i],
-                    seg_qc[i],
-                    i * chunk,
-                    k[:, :end],
-                    v[:, :end],
-                    None if segment_ids is None else segment_ids[:, :end],
-                    causal,
-                    scale,
-                    stat_dtype,
-                )
-            )
-        out = jnp.stack(outs)
-    else:
-        out = jax.lax.map(one_chunk, (qc, seg_qc, starts))  # [n, B, C, KV, G, D]
-    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, n * chunk, h, d)
-    return out[:, :t]
+        return tuple(min((i + 1) * chunk, s) for i in range(n))
+    return None
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 6, 7, 8))
-def _one_chunk_keys(qi, seg_i, start, k, v, seg_k, causal, scale, stat_dtype):
-    """One query chunk [B, C, KV, G, D] against keys k/v [B, S', KV, D] (S' <= S)."""
-    b, c = qi.shape[:2]
-    s = k.shape[1]
-    logits = jnp.einsum("bckgd,bskd->bkgcs", qi, k, preferred_element_type=stat_dtype)
-    logits = logits * jnp.asarray(scale, stat_dtype)
-    allowed = jnp.ones((b, c, s), bool)
+def _chunk_scores(qi, k, seg_q, seg_k, start, causal):
+    """Masked, scaled scores [B, KV, G, C, S'] (float32 at least) of one query chunk."""
+    stat = jnp.promote_types(qi.dtype, jnp.float32)
+    c, s = qi.shape[3], k.shape[2]
+    scale = jnp.asarray(1.0 / math.sqrt(qi.shape[-1]), stat)
+    scores = jnp.einsum("bkgcd,bksd->bkgcs", qi, k, preferred_element_type=stat) * scale
+    allowed = None
     if causal:
         qpos = start + jnp.arange(c, dtype=jnp.int32)
-        allowed = allowed & (qpos[:, None] >= jnp.arange(s, dtype=jnp.int32)[None, :])[None]
+        allowed = (qpos[:, None] >= jnp.arange(s, dtype=jnp.int32)[None, :])[None]
     if seg_k is not None:
-        allowed = allowed & (seg_i[:, :, None] == seg_k[:, None, :])
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(stat_dtype).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgcs,bskd->bckgd", probs, v)
+        same = seg_q[:, :, None] == seg_k[:, None, :]  # [B, C, S']
+        allowed = same if allowed is None else allowed & same
+    if allowed is not None:
+        # A row with nothing allowed (a padded query row) gets a uniform softmax.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(stat).min)
+    return scores
+
+
+def _chunk_forward(qi, k, v, seg_q, seg_k, start, causal):
+    scores = _chunk_scores(qi, k, seg_q, seg_k, start, causal)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgcs,bksd->bkgcd", p.astype(v.dtype), v, preferred_element_type=p.dtype)
+    return (o / denom).astype(qi.dtype), (m + jnp.log(denom))[..., 0]
+
+
+def _chunk_backward(qi, k, v, oi, lse, doi, seg_q, seg_k, start, causal):
+    """(dq_i, dk, dv) of one query chunk against keys k/v [B, KV, S', D]."""
+    scores = _chunk_scores(qi, k, seg_q, seg_k, start, causal)
+    p = jnp.exp(scores - lse[..., None])
+    stat = p.dtype
+    scale = jnp.asarray(1.0 / math.sqrt(qi.shape[-1]), stat)
+    dp = jnp.einsum("bkgcd,bksd->bkgcs", doi, v, preferred_element_type=stat)
+    delta = jnp.sum(doi.astype(stat) * oi.astype(stat), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(qi.dtype)
+    dq = jnp.einsum("bkgcs,bksd->bkgcd", ds, k, preferred_element_type=stat)
+    dk = jnp.einsum("bkgcs,bkgcd->bksd", ds, qi, preferred_element_type=stat)
+    dv = jnp.einsum("bkgcs,bkgcd->bksd", p.astype(doi.dtype), doi, preferred_element_type=stat)
+    return dq, dk, dv
+
+
+def _chunks(x, chunk):
+    """[B, KV, G, T, D] -> [n, B, KV, G, chunk, D] (T a multiple of chunk)."""
+    b, kv, g, t, d = x.shape
+    return x.reshape(b, kv, g, t // chunk, chunk, d).transpose(3, 0, 1, 2, 4, 5)
+
+
+def _unchunk(x):
+    n, b, kv, g, c, d = x.shape
+    return x.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n * c, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(qh, kh, vh, seg_q, seg_k, causal, chunk, extents):
+    return _flash_fwd(qh, kh, vh, seg_q, seg_k, causal, chunk, extents)[0]
+
+
+def _flash_fwd(qh, kh, vh, seg_q, seg_k, causal, chunk, extents):
+    n = qh.shape[3] // chunk
+    if extents is not None:
+        outs, lses = [], []
+        for i, e in enumerate(extents):
+            sl = slice(i * chunk, (i + 1) * chunk)
+            o, lse = _chunk_forward(
+                qh[:, :, :, sl],
+                kh[:, :, :e],
+                vh[:, :, :e],
+                None if seg_k is None else seg_q[:, sl],
+                None if seg_k is None else seg_k[:, :e],
+                i * chunk,
+                causal,
+            )
+            outs.append(o)
+            lses.append(lse)
+        out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    else:
+        seg_qc = None if seg_k is None else seg_q.reshape(-1, n, chunk).transpose(1, 0, 2)
+
+        def one(args):
+            qi, sq, start = args
+            return _chunk_forward(qi, kh, vh, sq, seg_k, start, causal)
+
+        starts = jnp.arange(n, dtype=jnp.int32) * chunk
+        oc, lc = jax.lax.map(one, (_chunks(qh, chunk), seg_qc, starts))
+        out = _unchunk(oc)
+        lse = lc.transpose(1, 2, 3, 0, 4).reshape(lc.shape[1:4] + (n * chunk,))
+    return out, (qh, kh, vh, seg_q, seg_k, out, lse)
+
+
+def _flash_bwd(causal, chunk, extents, res, dout):
+    qh, kh, vh, seg_q, seg_k, out, lse = res
+    n = qh.shape[3] // chunk
+    stat = jnp.promote_types(qh.dtype, jnp.float32)
+    if extents is not None:
+        dqs = []
+        dk = jnp.zeros(kh.shape, stat)
+        dv = jnp.zeros(vh.shape, stat)
+        for i, e in enumerate(extents):
+            sl = slice(i * chunk, (i + 1) * chunk)
+            dq_i, dk_i, dv_i = _chunk_backward(
+                qh[:, :, :, sl],
+                kh[:, :, :e],
+                vh[:, :, :e],
+                out[:, :, :, sl],
+                lse[:, :, :, sl],
+                dout[:, :, :, sl],
+                None if seg_k is None else seg_q[:, sl],
+                None if seg_k is None else seg_k[:, :e],
+                i * chunk,
+                causal,
+            )
+            dqs.append(dq_i)
+            dk = dk.at[:, :, :e].add(dk_i)
+            dv = dv.at[:, :, :e].add(dv_i)
+        dq = jnp.concatenate(dqs, axis=3)
+    else:
+        seg_qc = None if seg_k is None else seg_q.reshape(-1, n, chunk).transpose(1, 0, 2)
+        lse_c = lse.reshape(lse.shape[:3] + (n, chunk)).transpose(3, 0, 1, 2, 4)
+
+        def one(carry, args):
+            dk, dv = carry
+            qi, oi, li, doi, sq, start = args
+            dq_i, dk_i, dv_i = _chunk_backward(qi, kh, vh, oi, li, doi, sq, seg_k, start, causal)
+            return (dk + dk_i, dv + dv_i), dq_i
+
+        starts = jnp.arange(n, dtype=jnp.int32) * chunk
+        zeros = (jnp.zeros(kh.shape, stat), jnp.zeros(vh.shape, stat))
+        xs = (_chunks(qh, chunk), _chunks(out, chunk), lse_c, _chunks(dout, chunk), seg_qc, starts)
+        (dk, dv), dqc = jax.lax.scan(one, zeros, xs)
+        dq = _unchunk(dqc)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _splash_kernel(n_heads: int, t: int, s: int, causal: bool, interpret: bool):

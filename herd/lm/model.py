@@ -52,16 +52,13 @@ _ROPE_SCALING_KEYS = (
     "original_max_position_embeddings",
 )
 
-# Fusion switches (module level so a benchmark can compare them in one process; read at
-# trace time). Measured on the 30M bench shape (tools/bench_lm.py) on XLA:CPU, fwd+bwd CPU
-# time: one [dim, 2, ffn] gate/up matmul instead of two: -11%, so on; one concatenated
-# [dim, heads + 2 kv_heads, head_dim] q/k/v matmul: +2% (slower; and a concat across the
-# tensor-sharded heads axis would reshard on accelerators), so off. A [dim, 2, kv, hd] k/v
-# stack and a kv-grouped [dim, kv, G+2, hd] q/k/v layout were also measured: no change
-# (+-1%), so not kept. Attention is ~30% of the step's CPU time at seq 512 (the
-# 'xla_chunked' path with q_chunk=128 and block-causal key slicing costs ~30% less than 'xla').
-_FUSE_QKV = False
-_FUSE_W13 = True
+# Projections flatten [B, T, ...] to [B*T, ...] rows: plain 2-D matmuls. On XLA:CPU the 3-D
+# einsum forms made the backward pass write transposed copies of its operands (measured
+# on the 30M bench shape, SwiGLU block fwd+bwd: 3-D fused gate/up 794 ms of CPU time,
+# 2-D separate gate/up 659 ms, 2-D fused 673 ms); on accelerators the reshape is free.
+# Gate and up stay two matmuls: as fast as one fused [dim, 2 * ffn] matmul once 2-D, and a
+# concatenation across the tensor-sharded 'mlp' axis would reshard on accelerators.
+# Likewise q, k and v are three matmuls (a concatenated q/k/v matmul measured +2%).
 
 # Names given with checkpoint_name() inside a layer; the remat policies refer to them.
 _QKV_NAMES = ("query_proj", "key_proj", "value_proj")
@@ -434,6 +431,17 @@ def _param(mod: nn.Module, name, shape, axes, init, dtype):
     return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _project(x, w, n_in: int):
+    """Contract the last ``n_in`` axes of x [B, T, *in] with the first ``n_in`` axes of
+    w [*in, *out] -> [B, T, *out], as one 2-D [B*T, prod(in)] x [prod(in), prod(out)]
+    matmul (see the note at the top of this module)."""
+    b, t = x.shape[:2]
+    k = math.prod(w.shape[:n_in])
+    out = w.shape[n_in:]
+    y = x.reshape(b * t, k) @ w.reshape(k, math.prod(out))
+    return y.reshape(b, t, *out)
+
+
 def _constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
@@ -467,13 +475,9 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        if _FUSE_QKV:
-            w = jnp.concatenate([wq, wk, wv], axis=1).astype(dt)
-            q, k, v = jnp.split(jnp.einsum("btd,dhk->bthk", x, w), [h, h + kv], axis=2)
-        else:
-            q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-            k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
-            v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q = _project(x, wq.astype(dt), 1)
+        k = _project(x, wk.astype(dt), 1)
+        v = _project(x, wv.astype(dt), 1)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = _constrain(checkpoint_name(q, "query_proj"), ("batch", "length", "heads", "head_dim"))
@@ -486,8 +490,7 @@ class Attention(nn.Module):
             q, k, v, segment_ids=segment_ids, impl=c.attention_impl, causal=True, **kwargs
         )
         out = _constrain(checkpoint_name(out, "context"), ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
-        return checkpoint_name(out, "out_proj")
+        return checkpoint_name(_project(out, wo.astype(dt), 2), "out_proj")
 
 
 class FeedForward(nn.Module):
@@ -502,16 +505,10 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (d, f), ("embed", "mlp"), init, pdt)
         w3 = _param(self, "w3", (d, f), ("embed", "mlp"), init, pdt)
         w2 = _param(self, "w2", (f, d), ("mlp", "embed"), init, pdt)
-        if _FUSE_W13:
-            w13 = jnp.stack([w1, w3], axis=1).astype(dt)  # [D, 2, F]: 'mlp' stays last
-            gu = jnp.einsum("btd,dcf->btcf", x, w13)
-            gate = checkpoint_name(gu[:, :, 0], "mlp_gate")
-            up = checkpoint_name(gu[:, :, 1], "mlp_up")
-        else:
-            gate = checkpoint_name(jnp.einsum("btd,df->btf", x, w1.astype(dt)), "mlp_gate")
-            up = checkpoint_name(jnp.einsum("btd,df->btf", x, w3.astype(dt)), "mlp_up")
+        gate = checkpoint_name(_project(x, w1.astype(dt), 1), "mlp_gate")
+        up = checkpoint_name(_project(x, w3.astype(dt), 1), "mlp_up")
         hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return checkpoint_name(jnp.einsum("btf,fd->btd", hidden, w2.astype(dt)), "mlp_out")
+        return checkpoint_name(_project(hidden, w2.astype(dt), 1), "mlp_out")
 
 
 class Block(nn.Module):
