@@ -283,7 +283,9 @@ def _q_chunk(args):
 
 
 def section_throughput(args, peak, res):
-    cfg = herd_config(attention_impl=args.attention, attention_q_chunk=_q_chunk(args))
+    cfg = herd_config(
+        attention_impl=args.attention, attention_q_chunk=_q_chunk(args), remat_policy=args.remat
+    )
     host = make_batch(cfg, docs=1)
     herd = HerdStep(cfg, vocab_chunk=args.vocab_chunk)
     hb = herd.batch(host)
@@ -378,7 +380,9 @@ def section_profile(args, res):
     """Forward / forward+backward / whole step of herd's model, alternating, medians; then
     variants of the whole step (attention backend, vocab chunking, remat) in one loop."""
 
-    cfg = herd_config(attention_impl=args.attention, attention_q_chunk=_q_chunk(args))
+    cfg = herd_config(
+        attention_impl=args.attention, attention_q_chunk=_q_chunk(args), remat_policy=args.remat
+    )
     host = make_batch(cfg)
     herd = HerdStep(cfg)
     batch = herd.batch(host)
@@ -446,7 +450,7 @@ def section_profile(args, res):
             cfg=cfg.replace(attention_impl="xla", attention_q_chunk=None), vocab_chunk=0
         ),
         "vocab_chunk 2048": dict(cfg=cfg, vocab_chunk=2048),
-        "remat save_dots": dict(cfg=cfg.replace(remat_policy="save_dots"), vocab_chunk=0),
+        "remat none": dict(cfg=cfg.replace(remat_policy="none"), vocab_chunk=0),
     }
     steps = {}
     for name, v in variants.items():
@@ -561,6 +565,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=7, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="xla_chunked", help="herd attention_impl")
+    p.add_argument(
+        "--remat",
+        default="save_dots",
+        help="herd remat_policy for the throughput and profile sections (save_dots: the "
+        "fastest here, fewer activations written and read back)",
+    )
     p.add_argument("--q-chunk", type=int, default=128, help="attention_q_chunk (xla_chunked)")
     p.add_argument("--vocab-chunk", type=int, default=0, help="0 = whole vocabulary")
     p.add_argument("--no-peer", action="store_true")

@@ -60,6 +60,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 VALID_IMPLS = ("xla", "xla_chunked", "splash", "cudnn", "pallas_gpu")
 # Above this many tokens the unchunked 'xla' path (T x T scores per head) is refused.
@@ -312,6 +313,10 @@ def _flash_fwd(qh, kh, vh, seg_q, seg_k, causal, chunk, extents):
         oc, lc = jax.lax.map(one, (_chunks(qh, chunk), seg_qc, starts))
         out = _unchunk(oc)
         lse = lc.transpose(1, 2, 3, 0, 4).reshape(lc.shape[1:4] + (n * chunk,))
+    # Named so that remat policies can keep them (herd.lm.model's save_dots does): then
+    # the backward pass does not re-run this forward to get its residuals.
+    out = checkpoint_name(out, "attention_out")
+    lse = checkpoint_name(lse, "attention_lse")
     return out, (qh, kh, vh, seg_q, seg_k, out, lse)
 
 

@@ -62,7 +62,9 @@ _ROPE_SCALING_KEYS = (
 
 # Names given with checkpoint_name() inside a layer; the remat policies refer to them.
 _QKV_NAMES = ("query_proj", "key_proj", "value_proj")
-_ATTN_NAMES = _QKV_NAMES + ("context",)
+# The residuals of the chunked attention's own backward (herd.lm.attention._flash_fwd).
+_FLASH_NAMES = ("attention_out", "attention_lse")
+_ATTN_NAMES = _QKV_NAMES + ("context",) + _FLASH_NAMES
 
 
 def _remat_policy(name: str):
@@ -73,7 +75,11 @@ def _remat_policy(name: str):
     if name == "full":  # save only the layer input; recompute the whole layer
         return cp.nothing_saveable
     if name == "save_dots":  # save every projection matmul output; recompute the rest
-        return cp.dots_with_no_batch_dims_saveable
+        # ... but keep the chunked attention's output and log-sum-exp, which are O(T)
+        # and would otherwise cost a second attention forward in the backward pass.
+        return cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(*_FLASH_NAMES)
+        )
     if name == "save_qkv":  # save q, k, v after RoPE
         return cp.save_only_these_names(*_QKV_NAMES)
     if name == "save_attn":  # q, k, v and the attention output: recompute only the MLP
