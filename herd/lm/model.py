@@ -689,6 +689,32 @@ def _make_chunked_nll(chunk: int, vocab: int):
     return nll
 
 
+@jax.custom_vjp
+def _full_nll(logits, t, mask):
+    """sum(mask * (logsumexp(logits) - logits[t])) over rows of [N, vocab] float32 logits.
+
+    Its own backward, (softmax - onehot(t)) * mask in one elementwise pass, replaces
+    autodiff's scatter of the target-logit gradient into an [N, vocab] zero array
+    (measured on the 30M bench shape: head + loss fwd+bwd 644 -> 599 ms)."""
+    return _full_nll_fwd(logits, t, mask)[0]
+
+
+def _full_nll_fwd(logits, t, mask):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return jnp.sum((lse - tgt) * mask), (logits, lse, t, mask)
+
+
+def _full_nll_bwd(res, g):
+    logits, lse, t, mask = res
+    onehot = jnp.arange(logits.shape[1], dtype=t.dtype)[None, :] == t[:, None]
+    dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * (mask * g)[:, None]
+    return dlogits, np.zeros(t.shape, jax.dtypes.float0), jnp.zeros_like(mask)
+
+
+_full_nll.defvjp(_full_nll_fwd, _full_nll_bwd)
+
+
 def chunked_cross_entropy(hidden, out_embedding, targets, loss_mask, chunk_size=None):
     """Summed next-token NLL and token count, without [B, T, vocab] logits.
 
@@ -707,9 +733,7 @@ def chunked_cross_entropy(hidden, out_embedding, targets, loss_mask, chunk_size=
     n_tokens = jnp.sum(mask)
     if chunk_size is None or chunk_size >= vocab:
         logits = jnp.dot(h, out_embedding.astype(h.dtype), preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - tgt) * mask), n_tokens
+        return _full_nll(logits, t, mask), n_tokens
     pad = (-vocab) % chunk_size
     w = jnp.pad(out_embedding, ((0, 0), (0, pad))) if pad else out_embedding
     nll = _make_chunked_nll(int(chunk_size), int(vocab))(h, w, t, mask)
