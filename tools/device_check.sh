@@ -32,7 +32,7 @@ python -c "import grain, ml_collections, tensorboardX, tqdm, pytest" >>"$OUT/pip
 echo "setup done at $(elapsed)s" | tee "$OUT/progress.txt"
 
 JAX_PLATFORMS=cuda timeout 120 python -m pytest -q -p no:cacheprovider tests/lm/test_attention.py \
-  tests/lm/test_model.py -k "cudnn or pallas_gpu or golden or bf16 or packed_documents" \
+  tests/lm/test_model.py -k "cudnn or pallas_gpu or golden or bf16 or packed_documents or chunked" \
   >"$OUT/tests_gpu.txt" 2>&1
 echo "tests rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 
@@ -40,6 +40,11 @@ timeout "${ACCEL_TIMEOUT:-240}" python tools/bench_lm.py --sections accel \
   --gpu-attention "${ACCEL_IMPLS:-cudnn,xla_chunked,pallas_gpu}" --q-chunk 1024 \
   --steps 5 --warmup 2 --json "$OUT/accel.json" >"$OUT/accel.txt" 2>&1
 echo "accel rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
+
+# The fastest backend without rematerialisation (4 layers fit; a full 8B would not).
+timeout 90 python tools/bench_lm.py --sections accel --gpu-attention cudnn --accel-remat none \
+  --steps 5 --warmup 2 --json "$OUT/accel_remat_none.json" >"$OUT/accel_remat_none.txt" 2>&1
+echo "accel remat none rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 
 timeout 100 python - >"$OUT/kmeans_gpu.txt" 2>&1 <<'EOF'
 import json, time
@@ -52,8 +57,9 @@ bc = importlib.util.module_from_spec(spec); spec.loader.exec_module(bc)
 n, d, k, iters = 1_000_000, 128, 1024, 20
 x = bc.make_data(n, d)
 c0 = x[np.random.default_rng(0).choice(n, k, replace=False)]
-out = {"device": jax.devices()[0].device_kind}
-for tile in (512, 4096, 32768):  # rows per tile of the nearest-centroid search
+from herd.curation.kmeans import default_tile
+out = {"device": jax.devices()[0].device_kind, "default_tile": default_tile(jax.devices()[0].platform, k, 4)}
+for tile in (512, None):  # rows per tile of the nearest-centroid search (None: default)
     ts = []
     for rep in range(2):  # the first includes compilation
         t = time.perf_counter()
