@@ -121,11 +121,12 @@ def matmul_peaks(n, d, k, tile):
 
 def part_lloyd(a):
     import faiss
+    import jax
     import numpy as np
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    from herd.curation.kmeans import kmeans
+    from herd.curation.kmeans import default_tile, kmeans
     from herd.curation.kmeans import kmeans_plusplus as herd_kpp
 
     n, d, k, it = a.n, a.d, a.k, a.iters
@@ -137,9 +138,10 @@ def part_lloyd(a):
     sub = x[np.sort(np.random.default_rng(123).choice(n, min(n, 131072), replace=False))]
     init = herd_kpp(sub, k, 0)
     fl = 2 * n * d * k
-    res = {"n": n, "d": d, "k": k, "iters": it, "tile": a.tile}
-    res["peaks_gflops"] = matmul_peaks(min(n, 262144), d, k, a.tile)
-    peak = max(res["peaks_gflops"][key] for key in ("numpy_blocked16k", f"xla_tile{a.tile}"))
+    tile = a.tile or default_tile(jax.default_backend(), k)
+    res = {"n": n, "d": d, "k": k, "iters": it, "tile": tile}
+    res["peaks_gflops"] = matmul_peaks(min(n, 262144), d, k, tile)
+    peak = max(res["peaks_gflops"][key] for key in ("numpy_blocked16k", f"xla_tile{tile}"))
     res["peak_gflops"] = peak
     # Thread counts: on a loaded 2-core machine OpenMP spin-waiting can make 2 threads
     # slower than 1; probe 2 iterations of each setting and keep the faster.
@@ -164,7 +166,7 @@ def part_lloyd(a):
     for rep in range(a.repeats):
         # herd
         t = time.perf_counter()
-        r = kmeans(x, k, it, 0, init=init, tile=a.tile)
+        r = kmeans(x, k, it, 0, init=init, tile=tile)
         wall = time.perf_counter() - t
         runs["herd"].append(
             dict(wall=wall, per_iter=float(np.median(r.iter_seconds)), centroids=r[0],
@@ -344,7 +346,9 @@ def main():
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument(
+        "--tile", type=int, default=None, help="herd's Lloyd tile (default: herd's own choice)"
+    )
     ap.add_argument("--kpp-peer-n", type=int, default=0, help="scikit-learn k-means++ subsample")
     ap.add_argument("--e2e-n", type=int, default=300_000)
     ap.add_argument("--e2e-d", type=int, default=32)
@@ -384,6 +388,7 @@ def main():
     out = {}
     load = os.getloadavg()
     print(f"# load average at start: {load}", flush=True)
+    tile_arg = ["--tile", str(a.tile)] if a.tile else []
     for part in a.parts.split(","):
         t = time.perf_counter()
         if part == "lloyd":
@@ -395,8 +400,8 @@ def main():
                     a.e2e_iters]  # fmt: skip
             # Each side in each of its configurations (herd: XLA:CPU devices; peer:
             # faiss/BLAS threads); the ratio to quote is best against best.
-            rh = {dev: run_worker(["--worker", json.dumps(["herd", *spec]), "--tile",
-                                   str(a.tile)], host_devices=dev)
+            rh = {dev: run_worker(["--worker", json.dumps(["herd", *spec]), *tile_arg],
+                                  host_devices=dev)
                   for dev in _csv(a.herd_devices)}  # fmt: skip
             rp = {th: run_worker(["--worker", json.dumps(["peer", *spec]), "--peer-threads",
                                   str(th)])
@@ -409,7 +414,7 @@ def main():
             spec = [a.e2e4_n, a.e2e_d, _csv(a.e2e4_ks), _csv(a.e2e4_steps), _csv(a.e2e4_sizes),
                     a.e2e4_iters]  # fmt: skip
             r = dict(spec=spec, herd=run_worker(["--worker", json.dumps(["herd", *spec]),
-                                                 "--tile", str(a.tile)]))  # fmt: skip
+                                                 *tile_arg]))  # fmt: skip
         else:
             raise SystemExit(f"unknown part {part!r}")
         r["part_wall_s"] = time.perf_counter() - t
