@@ -263,21 +263,50 @@ def _tile_min(xb, ct, cn):
     return a, mn
 
 
+# Below this many dimensions the distance tile is computed transposed, [k, d] x [d, tile]
+# with the minimum taken across rows: at d = 32, k = 2000 (the curation benchmark's shape,
+# 300k rows, tile 512, XLA:CPU) 358 vs 472 ms per pass, the same assignment; at d = 64
+# equal (290 ms both), at d = 128, k = 1024 slower (497 vs 433 ms), so only for small d.
+_TRANSPOSED_BELOW_D = 64
+
+
+def _tile_min_t(xbt, c, cn):
+    """_tile_min for a transposed tile xbt [d, tile]: the same argmin (first index on
+    ties) and min, reduced over the centroid axis 0 of a [k, tile] block."""
+    dots = jnp.dot(c, xbt, precision=_HIGHEST, preferred_element_type=xbt.dtype)
+    dist = cn[:, None] - 2 * dots
+    mn = jnp.min(dist, axis=0)
+    iota = lax.broadcasted_iota(jnp.int32, dist.shape, 0)
+    a = jnp.min(jnp.where(dist == mn[None, :], iota, dist.shape[0]), axis=0)
+    return a, mn
+
+
+def _tiles(x, tile):
+    """Rows as [n_tiles, tile, d] and, for small d, also transposed [n_tiles, d, tile]."""
+    n_loc, d = x.shape
+    xt = x.reshape(n_loc // tile, tile, d)
+    return xt, (jnp.swapaxes(xt, 1, 2) if d < _TRANSPOSED_BELOW_D else None)
+
+
+def _nearest(xb, xbt, c, ct, cn):
+    return _tile_min(xb, ct, cn) if xbt is None else _tile_min_t(xbt, c, cn)
+
+
 def _local_stats(x, w, c, cpen, *, tile, axes, update):
     """Per-device Lloyd statistics for replicated centroids c [k, d]."""
     k, d = c.shape
     n_loc = x.shape[0]
     ct = c.T
     cn = jnp.sum(c * c, axis=1) + cpen
-    xt = x.reshape(n_loc // tile, tile, d)
+    xt, xtt = _tiles(x, tile)
     wt = w.reshape(n_loc // tile, tile)
 
     if update == "scatter":
 
         def body(carry, inp):
             sums, counts, inertia = carry
-            xb, wb = inp
-            a, mn = _tile_min(xb, ct, cn)
+            xb, xbt, wb = inp
+            a, mn = _nearest(xb, xbt, c, ct, cn)
             md = jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
             sums = sums.at[a].add(xb * wb[:, None])
             counts = counts.at[a].add(wb)
@@ -287,8 +316,8 @@ def _local_stats(x, w, c, cpen, *, tile, axes, update):
 
         def body(carry, inp):
             sums, counts, inertia = carry
-            xb, wb = inp
-            a, mn = _tile_min(xb, ct, cn)
+            xb, xbt, wb = inp
+            a, mn = _nearest(xb, xbt, c, ct, cn)
             md = jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
             oh = (a[:, None] == jnp.arange(k, dtype=jnp.int32)[None, :]).astype(x.dtype)
             oh = oh * wb[:, None]
@@ -297,7 +326,7 @@ def _local_stats(x, w, c, cpen, *, tile, axes, update):
             return (sums, counts, inertia + jnp.sum(wb * md)), None
 
     init = (jnp.zeros((k, d), x.dtype), jnp.zeros((k,), x.dtype), jnp.zeros((), x.dtype))
-    (sums, counts, inertia), _ = lax.scan(body, init, (xt, wt))
+    (sums, counts, inertia), _ = lax.scan(body, init, (xt, xtt, wt))
     return lax.psum(sums, axes), lax.psum(counts, axes), lax.psum(inertia, axes)
 
 
@@ -360,13 +389,13 @@ def _local_assign(x, c, cpen, *, tile, axes):
     n_loc, d = x.shape
     ct = c.T
     cn = jnp.sum(c * c, axis=1) + cpen
-    xt = x.reshape(n_loc // tile, tile, d)
 
-    def f(xb):
-        a, mn = _tile_min(xb, ct, cn)
+    def f(inp):
+        xb, xbt = inp
+        a, mn = _nearest(xb, xbt, c, ct, cn)
         return a, jnp.maximum(mn + jnp.sum(xb * xb, axis=1), 0)
 
-    a, md = lax.map(f, xt)
+    a, md = lax.map(f, _tiles(x, tile))
     return a.reshape(n_loc), md.reshape(n_loc)
 
 
