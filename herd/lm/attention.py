@@ -22,10 +22,14 @@ Backends (``impl``):
     :func:`check_attention_config` refuses it above ``MAX_XLA_SEQ_LEN`` tokens unless
     ``q_chunk`` is given.
 ``'xla_chunked'``, or ``'xla'`` with ``q_chunk``
-    Query-chunked attention in plain JAX: a ``lax.map`` over query chunks of ``q_chunk``
-    tokens, each chunk scoring against all keys (grouped einsum, no K/V copies), with the
-    chunk body rematerialised in the backward pass, so live score memory is
-    ``B x H x q_chunk x S`` instead of ``B x H x T x S``. Exact (not an approximation).
+    Query-chunked attention in plain JAX with its own backward pass (FlashAttention-2
+    style): query chunks of ``q_chunk`` tokens, each scoring against the keys it may see
+    (for causal self-attention up to 16 chunks are unrolled and chunk i reads only keys
+    ``[0, (i + 1) * q_chunk)``; otherwise a loop over chunks reads all keys), grouped
+    batched matmuls with no K/V copies. Only the output and each row's log-sum-exp are
+    kept for the backward pass (named ``attention_out`` / ``attention_lse`` for remat
+    policies), so live score memory is ``B x H x q_chunk x S`` instead of
+    ``B x H x T x S``. Exact (not an approximation).
 ``'splash'`` (TPU)
     JAX's Pallas splash-attention kernel (``jax.experimental.pallas.ops.tpu.
     splash_attention``) with a static ``CausalMask`` and dynamic ``SegmentIds``, grouped
