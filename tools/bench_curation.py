@@ -413,8 +413,9 @@ def main():
         elif part == "e2e4":
             spec = [a.e2e4_n, a.e2e_d, _csv(a.e2e4_ks), _csv(a.e2e4_steps), _csv(a.e2e4_sizes),
                     a.e2e4_iters]  # fmt: skip
+            dev = max(_csv(a.herd_devices))  # herd only: its largest configuration
             r = dict(spec=spec, herd=run_worker(["--worker", json.dumps(["herd", *spec]),
-                                                 *tile_arg]))  # fmt: skip
+                                                 *tile_arg], host_devices=dev))  # fmt: skip
         else:
             raise SystemExit(f"unknown part {part!r}")
         r["part_wall_s"] = time.perf_counter() - t
@@ -442,7 +443,8 @@ def main():
             print(f"e2e best vs best: herd {r['herd']['wall_s']:.1f}s, peer "
                   f"{r['peer']['wall_s']:.1f}s -> {r['speedup']:.2f}x")  # fmt: skip
         elif part == "e2e4":
-            print(f"e2e4 herd {r['herd']['wall_s']:.1f}s {r['herd']['peak_rss_mb']:.0f}MB")
+            print(f"e2e4 herd ({r['herd']['host_devices']} device(s)) {r['herd']['wall_s']:.1f}s "
+                  f"{r['herd']['peak_rss_mb']:.0f}MB")  # fmt: skip
     print(f"# load average at end: {os.getloadavg()}")
 
 
