@@ -55,6 +55,7 @@ from herd.lm.model import Llama, LlamaConfig  # noqa: E402
 from herd.lm.train import (  # noqa: E402
     _loss_fn,
     flops_per_token,
+    hidden_states,
     make_init_fn,
     make_train_step,
 )
@@ -406,14 +407,7 @@ def section_profile(args, res):
         return s / n
 
     def hidden_fn(p, b):
-        h = model.apply(
-            {"params": p},
-            b["inputs"],
-            positions=b["positions"],
-            segment_ids=b["segment_ids"],
-            return_hidden=True,
-        )
-        return jnp.sum(h)
+        return jnp.sum(hidden_states(model, p, b))  # the train step's own forward
 
     fwd = jax.jit(loss_fn).lower(params, batch).compile()
     grad = jax.jit(jax.grad(loss_fn)).lower(params, batch).compile()

@@ -283,6 +283,13 @@ def _unchunk(x):
     return x.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n * c, d)
 
 
+def _loop_inputs(seg_q, seg_k, n, chunk):
+    """Per-chunk query segment ids [n, B, chunk] (None without segments) and start rows,
+    the inputs of the loop over all-keys chunks in both passes."""
+    seg_qc = None if seg_k is None else seg_q.reshape(-1, n, chunk).transpose(1, 0, 2)
+    return seg_qc, jnp.arange(n, dtype=jnp.int32) * chunk
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _flash(qh, kh, vh, seg_q, seg_k, causal, chunk, extents):
     return _flash_fwd(qh, kh, vh, seg_q, seg_k, causal, chunk, extents)[0]
@@ -307,13 +314,12 @@ def _flash_fwd(qh, kh, vh, seg_q, seg_k, causal, chunk, extents):
             lses.append(lse)
         out, lse = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
     else:
-        seg_qc = None if seg_k is None else seg_q.reshape(-1, n, chunk).transpose(1, 0, 2)
+        seg_qc, starts = _loop_inputs(seg_q, seg_k, n, chunk)
 
         def one(args):
             qi, sq, start = args
             return _chunk_forward(qi, kh, vh, sq, seg_k, start, causal)
 
-        starts = jnp.arange(n, dtype=jnp.int32) * chunk
         oc, lc = jax.lax.map(one, (_chunks(qh, chunk), seg_qc, starts))
         out = _unchunk(oc)
         lse = lc.transpose(1, 2, 3, 0, 4).reshape(lc.shape[1:4] + (n * chunk,))
@@ -351,7 +357,7 @@ def _flash_bwd(causal, chunk, extents, res, dout):
             dv = dv.at[:, :, :e].add(dv_i)
         dq = jnp.concatenate(dqs, axis=3)
     else:
-        seg_qc = None if seg_k is None else seg_q.reshape(-1, n, chunk).transpose(1, 0, 2)
+        seg_qc, starts = _loop_inputs(seg_q, seg_k, n, chunk)
         lse_c = lse.reshape(lse.shape[:3] + (n, chunk)).transpose(3, 0, 1, 2, 4)
 
         def one(carry, args):
@@ -360,7 +366,6 @@ def _flash_bwd(causal, chunk, extents, res, dout):
             dq_i, dk_i, dv_i = _chunk_backward(qi, kh, vh, oi, li, doi, sq, seg_k, start, causal)
             return (dk + dk_i, dv + dv_i), dq_i
 
-        starts = jnp.arange(n, dtype=jnp.int32) * chunk
         zeros = (jnp.zeros(kh.shape, stat), jnp.zeros(vh.shape, stat))
         xs = (_chunks(qh, chunk), _chunks(out, chunk), lse_c, _chunks(dout, chunk), seg_qc, starts)
         (dk, dv), dqc = jax.lax.scan(one, zeros, xs)

@@ -158,17 +158,22 @@ def make_init_fn(model, optimizer, init_len: int = 8):
     return init
 
 
+def hidden_states(model, params, batch):
+    """The model's final hidden states [B, T, dim] for a packed batch."""
+    return model.apply(
+        {"params": params},
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        return_hidden=True,
+    )
+
+
 def _loss_fn(model, vocab_chunk: int):
     chunk = vocab_chunk or model.config.vocab_size
 
     def loss_fn(params, batch):
-        hidden = model.apply(
-            {"params": params},
-            batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            return_hidden=True,
-        )
+        hidden = hidden_states(model, params, batch)
         out_embedding = output_embedding(params, model.config)
         return chunked_cross_entropy(
             hidden, out_embedding, batch["targets"], batch["loss_mask"], chunk
