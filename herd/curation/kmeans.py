@@ -657,22 +657,25 @@ def _local_kpp(x, w, draws, *, axes, n_dev, tile):
     pt = math.gcd(tile, PICK_TILE)
     npt = n_loc // pt
 
-    def pick(weights, u):
+    itype = jnp.int64 if x.dtype == jnp.float64 else jnp.int32
+
+    def pick(weights, u, tots):
         """Global inverse-CDF sampling: rows with cumulative weight just above u * total.
 
-        Two levels (XLA:CPU's cumsum over all rows cost ~30 ns per row per centre): sums
-        of PICK_TILE-row tiles and their cumsum locate the tile, a cumsum inside that tile
-        the row (for each candidate: T x PICK_TILE, so PICK_TILE stays small).
+        tots [n_dev]: every device's total weight, the same array on all devices, so
+        that exactly one device owns each target. Two levels (XLA:CPU's cumsum over all
+        rows cost ~30 ns per row per centre): sums of PICK_TILE-row tiles and their cumsum
+        locate the tile, a cumsum inside that tile the row (for each candidate:
+        T x PICK_TILE, so PICK_TILE stays small). The owner's rows reach every device in
+        one psum of their bits (the others add zeros), with their global indices.
         """
         weights = weights.reshape(npt, pt)  # pick tiles: small, the in-tile cumsum is cheap
         tsum = jnp.sum(weights, axis=1)  # [nt]
         tcs = jnp.cumsum(tsum)
         loc_tot = tcs[-1]
-        tots = lax.all_gather(loc_tot, axes)  # [n_dev]
-        start = jnp.cumsum(tots)[rank] - loc_tot
-        total = jnp.sum(tots)
-        target = u * total - start
-        mine = (target >= 0) & ((target < loc_tot) | (rank == last))
+        start = jnp.cumsum(tots)[rank] - tots[rank]
+        target = u * jnp.sum(tots) - start
+        mine = (target >= 0) & ((target < tots[rank]) | (rank == last))
         # Past the local total (u * total rounding up on the last device): the last row
         # with positive weight, never a zero-weight row.
         over = target >= loc_tot
@@ -683,9 +686,10 @@ def _local_kpp(x, w, draws, *, axes, n_dev, tile):
         j = jnp.minimum(jnp.sum(rcs <= rem[:, None], axis=1), pt - 1)
         j = jnp.where(over, jnp.argmax(rcs, axis=1), j)
         li = ti * pt + j
-        vec = lax.psum(jnp.where(mine[:, None], x[li], 0), axes)
-        gidx = lax.psum(jnp.where(mine, rank * n_loc + li, 0), axes)
-        return vec, gidx
+        bits = lax.bitcast_convert_type(x[li], itype)  # [T, d]
+        payload = jnp.concatenate([bits, (rank * n_loc + li).astype(itype)[:, None]], axis=1)
+        payload = lax.psum(jnp.where(mine[:, None], payload, 0), axes)
+        return lax.bitcast_convert_type(payload[:, :d], x.dtype), payload[:, d]
 
     def dists(cands, closest):
         """Per tile: min(closest, distance to each candidate) [nt, T, tile] and the
@@ -701,24 +705,31 @@ def _local_kpp(x, w, draws, *, axes, n_dev, tile):
 
         return lax.map(f, (xtt, xn, closest, wt))
 
+    # Two collectives per centre: the psum in pick, and one all_gather of every device's
+    # share of each candidate's potential, which gives both the potentials (summed) and,
+    # for the chosen candidate, each device's total weight for the next pick. (Four
+    # before: the totals and the potentials separately, the rows and indices separately;
+    # each in-process rendezvous cost ~0.1 ms on XLA:CPU, which dominated at 80k rows.)
     inf = jnp.full((nt, tile), jnp.inf, x.dtype)
-    c0, i0 = pick(wt, draws[0, :1])
-    closest = dists(c0, inf)[0][:, 0, :]
+    c0, i0 = pick(wt, draws[0, :1], lax.all_gather(jnp.sum(w), axes))
+    closest, tpot0 = dists(c0, inf)
+    closest = closest[:, 0, :]
+    tots = lax.all_gather(jnp.sum(tpot0), axes)
     centers = jnp.zeros((k, d), x.dtype).at[0].set(c0[0])
     index = jnp.zeros((k,), jnp.int32).at[0].set(i0[0].astype(jnp.int32))
 
     def body(i, carry):
-        centers, index, closest = carry
-        cands, gidx = pick(wt * closest, draws[i])
+        centers, index, closest, tots = carry
+        cands, gidx = pick(wt * closest, draws[i], tots)
         newd, tpot = dists(cands, closest)
-        pot = lax.psum(jnp.sum(tpot, axis=0), axes)
-        best = jnp.argmin(pot)
+        shares = lax.all_gather(jnp.sum(tpot, axis=0), axes)  # [n_dev, T]
+        best = jnp.argmin(jnp.sum(shares, axis=0))
         closest = lax.dynamic_index_in_dim(newd, best, axis=1, keepdims=False)
         centers = centers.at[i].set(cands[best])
         index = index.at[i].set(gidx[best].astype(jnp.int32))
-        return centers, index, closest
+        return centers, index, closest, shares[:, best]
 
-    centers, index, closest = lax.fori_loop(1, k, body, (centers, index, closest))
+    centers, index, closest, _ = lax.fori_loop(1, k, body, (centers, index, closest, tots))
     pot = lax.psum(jnp.sum(wt * closest), axes)
     return centers, index, pot
 
