@@ -176,20 +176,23 @@ def _select_per_cluster(level: ClusterLevel, r: int, strategy: str, rng) -> np.n
 def _run_level(items, k, steps, r, *, n_iters, seed, strategy, kw) -> ClusterLevel:
     """One level: k-means (k-means++ then Lloyd); then steps - 1 resampling rounds (only
     when r > 1): r items per cluster, a fresh k-means on them, all items reassigned."""
-    from herd.curation.kmeans import assign, kmeans
+    from herd.curation.kmeans import assigner, kmeans
 
     res = kmeans(items, k, n_iters, _seed(seed, 0), return_distances=True, **kw)
     level = build_level(res[0], res[1], res[2])
-    if r > 1:
+    if r > 1 and steps > 1:
         rng = np.random.default_rng(_seed(seed, 1))
+        assign_items = assigner(items, k, **kw)  # the items go to the devices once
         for step in range(1, steps):
             idx = _select_per_cluster(level, r, strategy, rng)
             if idx.size < k:  # some clusters empty: top up at random
                 rest = np.setdiff1d(np.nonzero(level.assignment >= 0)[0], idx)
                 idx = np.sort(np.concatenate([idx, rng.choice(rest, k - idx.size, False)]))
-            sub = kmeans(np.asarray(items[idx]), k, n_iters, _seed(seed, 2, step), **kw)
-            a, d = assign(items, sub[0], mesh=kw.get("mesh"), dtype=kw.get("dtype", np.float32))
-            level = build_level(sub[0], a, d)
+            sub = kmeans(
+                np.asarray(items[idx]), k, n_iters, _seed(seed, 2, step), final_assignment=False,
+                **kw,
+            )  # fmt: skip
+            level = build_level(sub[0], *assign_items(sub[0]))
     return level
 
 

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "assign",
+    "assigner",
     "default_mesh",
     "default_tile",
     "kmeans",
@@ -710,26 +711,30 @@ def _local_kpp(x, w, draws, *, axes, n_dev, tile):
     # for the chosen candidate, each device's total weight for the next pick. (Four
     # before: the totals and the potentials separately, the rows and indices separately;
     # each in-process rendezvous cost ~0.1 ms on XLA:CPU, which dominated at 80k rows.)
-    inf = jnp.full((nt, tile), jnp.inf, x.dtype)
-    c0, i0 = pick(wt, draws[0, :1], lax.all_gather(jnp.sum(w), axes))
-    closest, tpot0 = dists(c0, inf)
-    closest = closest[:, 0, :]
-    tots = lax.all_gather(jnp.sum(tpot0), axes)
-    centers = jnp.zeros((k, d), x.dtype).at[0].set(c0[0])
-    index = jnp.zeros((k,), jnp.int32).at[0].set(i0[0].astype(jnp.int32))
-
+    #
+    # The first centre (one uniform draw) runs through the same loop body, so that the
+    # program holds one copy of pick and of the distance pass (XLA:CPU compile time
+    # grows with each copy; ~1 s per k-means++ program): at i = 0 every row still
+    # has closest = inf and weight w, and the first candidate is taken.
     def body(i, carry):
         centers, index, closest, tots = carry
-        cands, gidx = pick(wt * closest, draws[i], tots)
+        first = i == 0
+        cands, gidx = pick(jnp.where(first, wt, wt * closest), draws[i], tots)
         newd, tpot = dists(cands, closest)
         shares = lax.all_gather(jnp.sum(tpot, axis=0), axes)  # [n_dev, T]
-        best = jnp.argmin(jnp.sum(shares, axis=0))
+        best = jnp.where(first, 0, jnp.argmin(jnp.sum(shares, axis=0)))
         closest = lax.dynamic_index_in_dim(newd, best, axis=1, keepdims=False)
         centers = centers.at[i].set(cands[best])
         index = index.at[i].set(gidx[best].astype(jnp.int32))
         return centers, index, closest, shares[:, best]
 
-    centers, index, closest, _ = lax.fori_loop(1, k, body, (centers, index, closest, tots))
+    init = (
+        jnp.zeros((k, d), x.dtype),
+        jnp.zeros((k,), jnp.int32),
+        jnp.full((nt, tile), jnp.inf, x.dtype),
+        lax.all_gather(jnp.sum(w), axes),
+    )
+    centers, index, closest, _ = lax.fori_loop(0, k, body, init)
     pot = lax.psum(jnp.sum(wt * closest), axes)
     return centers, index, pot
 
@@ -873,6 +878,7 @@ def kmeans(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_replicated_centroid_bytes: int = MAX_REPLICATED_CENTROID_BYTES,
     update: str = "scatter",
+    final_assignment: bool = True,
     return_inertia: bool = False,
     return_distances: bool = False,
 ):
@@ -896,6 +902,9 @@ def kmeans(
         Default (None): :func:`default_tile` of the mesh's platform, k and dtype.
       max_replicated_centroid_bytes: above this the centroids are sharded along k.
       update: 'scatter' (segment sums by scatter-add) or 'onehot' (one-hot matmul).
+      final_assignment: False skips the final assignment pass (assignment and inertia
+        are then None; not with return_inertia / return_distances), for callers that only
+        need the centroids.
       return_inertia: also return the final inertia (sum of squared distances).
       return_distances: also return the squared distance of each row to its centroid.
 
@@ -912,6 +921,8 @@ def kmeans(
         raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if n_iters < 0:
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    if not final_assignment and (return_inertia or return_distances):
+        raise ValueError("return_inertia / return_distances need final_assignment=True")
     user_mesh = mesh
     mesh = _pick_mesh(mesh, x)
     tile = _resolve_tile(tile, mesh, k, dtype)
@@ -960,9 +971,11 @@ def kmeans(
             iter_seconds.append(time.perf_counter() - t0)
             c, nr = eng.reseed_empty(c, counts)
             n_reseeded += nr
-        a, md = eng.assign(c)
         centroids = _to_host(c)[:k]
-        inertia = float(np.sum(md[data.valid], dtype=np.float64))
+        a = md = inertia = None
+        if final_assignment:
+            a, md = eng.assign(c)
+            inertia = float(np.sum(md[data.valid], dtype=np.float64))
     out = [centroids, a]
     if return_inertia:
         out.append(inertia)
@@ -977,6 +990,40 @@ def kmeans(
         n_invalid=data.n_invalid,
         init_potential=init_potential,
     )
+
+
+def assigner(
+    x,
+    k: int,
+    *,
+    mesh: Mesh | None = None,
+    dtype=np.float32,
+    tile: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    max_replicated_centroid_bytes: int = MAX_REPLICATED_CENTROID_BYTES,
+):
+    """Puts x on the devices once and returns ``f(centroids [k, d]) -> (assignment,
+    squared distance)`` as :func:`assign`; for callers that assign the same rows to
+    several centroid tables (the resampling steps of a hierarchy level)."""
+    x = _validate(x, k)
+    host = _use_host(mesh, x, k, isinstance(x, np.memmap))
+    mesh = _pick_mesh(mesh, x)
+    tile = _resolve_tile(tile, mesh, k, dtype)
+    with _x64(dtype):
+        data = _Data(x, mesh, dtype, tile, chunk_rows)
+        if host:
+            eng = _HostEngine(data, k)
+        else:
+            eng = _Engine(data, k, mesh, max_replicated_centroid_bytes, "scatter")
+
+    def f(centroids):
+        centroids = np.asarray(centroids)
+        if centroids.shape != (k, data.d):
+            raise ValueError(f"centroids must be [{k}, {data.d}], got {centroids.shape}")
+        with _x64(dtype):
+            return eng.assign(eng.put_centroids(centroids))
+
+    return f
 
 
 def assign(
@@ -995,13 +1042,8 @@ def assign(
     centroids = np.asarray(centroids)
     if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids must be [k, {x.shape[1]}], got {centroids.shape}")
-    host = _use_host(mesh, x, centroids.shape[0], isinstance(x, np.memmap))
-    mesh = _pick_mesh(mesh, x)
-    tile = _resolve_tile(tile, mesh, centroids.shape[0], dtype)
-    with _x64(dtype):
-        data = _Data(x, mesh, dtype, tile, chunk_rows)
-        if host:
-            eng = _HostEngine(data, centroids.shape[0])
-        else:
-            eng = _Engine(data, centroids.shape[0], mesh, max_replicated_centroid_bytes, "scatter")
-        return eng.assign(eng.put_centroids(centroids))
+    f = assigner(
+        x, centroids.shape[0], mesh=mesh, dtype=dtype, tile=tile, chunk_rows=chunk_rows,
+        max_replicated_centroid_bytes=max_replicated_centroid_bytes,
+    )  # fmt: skip
+    return f(centroids)

@@ -262,3 +262,30 @@ def test_row_bucket_bounds_padding_and_shapes():
     assert km._row_layout(300_000, 1, 512) == (512, 592 * 512)
     # nearby sizes (resampling runs) share one shape
     assert km._row_layout(77_182, 1, 512) == km._row_layout(79_221, 1, 512)
+
+
+def test_assigner_keeps_rows_on_device_and_matches_assign():
+    # The resampling steps of a hierarchy level assign the same rows to several tables.
+    x = _blobs(n=900, seed=6)
+    f = km.assigner(x, 7, mesh=MESH8)
+    for c in (x[:7], x[100:107] + 0.5):
+        a, d = f(c)
+        ra, rd = km.assign(x, c, mesh=MESH8)
+        np.testing.assert_array_equal(a, ra)
+        np.testing.assert_array_equal(d, rd)
+        dd = ((x[:, None] - c[None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(a, dd.argmin(1))
+    with pytest.raises(ValueError, match=r"centroids must be \[7, 8\], got \(6, 8\)"):
+        f(x[:6])
+
+
+def test_final_assignment_can_be_skipped():
+    x = _blobs(n=800, seed=7)
+    init = x[:6].copy()
+    full = km.kmeans(x, 6, 3, init=init, mesh=MESH8)
+    lean = km.kmeans(x, 6, 3, init=init, mesh=MESH8, final_assignment=False)
+    np.testing.assert_array_equal(full[0], lean[0])
+    assert lean[1] is None and lean.inertia is None
+    assert lean.inertia_history == full.inertia_history
+    with pytest.raises(ValueError, match="need final_assignment=True"):
+        km.kmeans(x, 6, 3, final_assignment=False, return_inertia=True)
