@@ -240,7 +240,7 @@ def test_default_tile_by_platform():
     # CPU keeps DEFAULT_TILE whatever k; accelerators get the largest power of two
     # <= ACCEL_MAX_TILE whose [tile, k] block fits ACCEL_TILE_BYTES.
     for k in (1, 1024, 100_000, 10_000_000):
-        assert km.default_tile("cpu", k) == km.DEFAULT_TILE == 512
+        assert km.default_tile("cpu", k) == km.DEFAULT_TILE == 256
     assert km.default_tile("gpu", 1024) == 32768
     assert km.default_tile("tpu", 2048) == 32768  # exactly 256 MiB
     assert km.default_tile("gpu", 2049) == 16384
@@ -248,7 +248,7 @@ def test_default_tile_by_platform():
     assert km.default_tile("gpu", 100_000) == 512
     assert km.default_tile("gpu", 10**9) == 64
     mesh = km.default_mesh(jax.devices()[:1])
-    assert km._resolve_tile(None, mesh, 10**6, np.float32) == 512  # the test mesh is CPU
+    assert km._resolve_tile(None, mesh, 10**6, np.float32) == 256  # the test mesh is CPU
     assert km._resolve_tile(128, mesh, 10, np.float32) == 128  # explicit tiles honoured
 
 
