@@ -8,6 +8,7 @@ Parts (``--parts``, comma-separated):
   kpp    greedy k-means++: herd vs scikit-learn ``kmeans_plusplus`` (same number of local
          trials), seconds and initial potential; scikit-learn optionally on a subsample
          (``--kpp-peer-n``), herd then timed on both the subsample and the full data.
+         herd runs in a subprocess per ``--herd-devices`` count (best compared).
   e2e    a 3-level hierarchical k-means with resampling: herd vs the same algorithm
          assembled from scikit-learn's k-means++ and faiss's Lloyd (below); wall time and
          peak RSS, each in its own subprocess (tracemalloc does not see XLA's buffers).
@@ -213,37 +214,51 @@ def part_lloyd(a):
     return res
 
 
+def worker_kpp(n, d, k, sub_n, trials):
+    """herd's k-means++ on the first sub_n rows (compile excluded: a warm-up call on the
+    same shape with another seed), and, when sub_n < n, on all rows (incl. compile)."""
+    from herd.curation.kmeans import kmeans_plusplus as herd_kpp
+
+    x = make_data(n, d, seed=0)
+    xs = x[:sub_n]
+    herd_kpp(xs, k, 1, trials)
+    t = time.perf_counter()
+    _, _, pot = herd_kpp(xs, k, 0, trials, return_info=True)
+    res = dict(herd_sub_s=time.perf_counter() - t, herd_sub_potential=pot)
+    res["host_devices"] = len(__import__("jax").devices())
+    if sub_n < n:
+        t = time.perf_counter()
+        _, _, pot = herd_kpp(x, k, 0, trials, return_info=True)
+        res["herd_full_s_incl_compile"] = time.perf_counter() - t
+        res["herd_full_potential"] = pot
+    return res
+
+
 def part_kpp(a):
+    """herd in its own subprocess per XLA:CPU device count (--herd-devices; the best is
+    compared, as in e2e), scikit-learn here with its default threads."""
     import math
 
     from sklearn.cluster import kmeans_plusplus
 
-    from herd.curation.kmeans import kmeans_plusplus as herd_kpp
-
     n, d, k = a.n, a.d, a.k
-    x = make_data(n, d, seed=0)
     trials = 2 + int(math.log(k))
     res = {"n": n, "d": d, "k": k, "n_local_trials": trials}
     sub_n = a.kpp_peer_n or n
-    xs = x[:sub_n]
     res["peer_n"] = sub_n
-    # herd on the peer's data (compile excluded: first call warms up on the same shape)
-    herd_kpp(xs, k, 1, trials)
-    t = time.perf_counter()
-    _, _, pot = herd_kpp(xs, k, 0, trials, return_info=True)
-    res["herd_sub_s"] = time.perf_counter() - t
-    res["herd_sub_potential"] = pot
+    spec = json.dumps(["kpp", n, d, k, sub_n, trials])
+    by_dev = {dev: run_worker(["--worker", spec], host_devices=dev) for dev in _csv(a.herd_devices)}
+    res["herd_by_devices"] = by_dev
+    best = min(by_dev.values(), key=lambda r: r["herd_sub_s"])
+    res.update({key: v for key, v in best.items() if key.startswith("herd_")})
+    res["herd_devices"] = best["host_devices"]
+    xs = make_data(n, d, seed=0)[:sub_n]
     t = time.perf_counter()
     c, _ = kmeans_plusplus(xs, k, n_local_trials=trials, random_state=0)
     res["sklearn_sub_s"] = time.perf_counter() - t
     res["sklearn_sub_potential"] = inertia_of(xs, c)
     res["speedup_sub"] = res["sklearn_sub_s"] / res["herd_sub_s"]
     res["potential_ratio_sub"] = res["herd_sub_potential"] / res["sklearn_sub_potential"]
-    if sub_n < n:
-        t = time.perf_counter()
-        _, _, pot = herd_kpp(x, k, 0, trials, return_info=True)
-        res["herd_full_s_incl_compile"] = time.perf_counter() - t
-        res["herd_full_potential"] = pot
     return res
 
 
@@ -381,8 +396,11 @@ def main():
         a.e2e4_n, a.e2e4_ks, a.e2e4_iters = 40_000, "400,100,25,5", 5
 
     if a.worker:
-        which, n, d, ks, steps, sizes, iters = json.loads(a.worker)
-        print(json.dumps(worker_e2e(a, which, n, d, ks, steps, sizes, iters)))
+        which, *spec = json.loads(a.worker)
+        if which == "kpp":
+            print(json.dumps(worker_kpp(*spec)))
+        else:
+            print(json.dumps(worker_e2e(a, which, *spec)))
         return
 
     out = {}
@@ -432,6 +450,8 @@ def main():
                       f"inertia {v['inertia']:.6e}")  # fmt: skip
             print(f"lloyd herd speedup vs faster peer: {r['speedup_vs_faster_peer']:.2f}x")
         elif part == "kpp":
+            for dev, v in r["herd_by_devices"].items():
+                print(f"kpp herd {dev} device(s) {v['herd_sub_s']:.1f}s")
             print(f"kpp n={r['peer_n']} herd {r['herd_sub_s']:.1f}s sklearn "
                   f"{r['sklearn_sub_s']:.1f}s -> {r['speedup_sub']:.1f}x; potential ratio "
                   f"{r['potential_ratio_sub']:.4f}")  # fmt: skip
