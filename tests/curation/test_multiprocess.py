@@ -1,0 +1,58 @@
+"""k-means across processes: two jax.distributed processes on localhost (gloo CPU
+collectives, two devices each) give the same result as one process with four devices."""
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from tests.curation import multiprocess_worker as worker
+
+km = importlib.import_module("herd.curation.kmeans")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "result.npz"
+    port = _free_port()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker.__file__, str(port), "2", str(i), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    got = np.load(out)
+
+    # The same computation in this process over four devices (same row layout: 2 x 2).
+    x = worker.rows()
+    mesh = km.default_mesh(jax.devices()[:4])
+    ref = km.kmeans(x, 9, 6, seed=4, mesh=mesh, dtype=np.float64, return_inertia=True)
+    ring = km.kmeans(x, 9, 4, seed=4, mesh=mesh, dtype=np.float64, return_inertia=True,
+                     max_replicated_centroid_bytes=0)  # fmt: skip
+    _, idx, pot = km.kmeans_plusplus(x, 9, 5, mesh=mesh, dtype=np.float64, return_info=True)
+
+    np.testing.assert_array_equal(got["assignment"], ref[1])
+    assert got["assignment"][5] == -1 and int(got["n_invalid"]) == 1
+    np.testing.assert_allclose(got["centroids"], ref[0], rtol=1e-12, atol=1e-12)
+    assert abs(float(got["inertia"]) - ref[2]) <= 1e-10 * ref[2]
+    np.testing.assert_array_equal(got["ring_assignment"], ring[1])
+    np.testing.assert_allclose(got["ring_centroids"], ring[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got["kpp_index"], idx)
+    assert abs(float(got["kpp_potential"]) - pot) <= 1e-10 * pot
