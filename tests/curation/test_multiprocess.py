@@ -2,42 +2,19 @@
 collectives, two devices each) give the same result as one process with four devices."""
 
 import importlib
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
 from tests.curation import multiprocess_worker as worker
+from tests.distributed import run_job
 
 km = importlib.import_module("herd.curation.kmeans")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
     out = tmp_path / "result.npz"
-    port = _free_port()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker.__file__, str(port), "2", str(i), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_job(worker.__file__, lambda i: [str(out)])
     got = np.load(out)
 
     # The same computation in this process over four devices (same row layout: 2 x 2).

@@ -4,13 +4,11 @@ run stopped and resumed from its checkpoint equals the uninterrupted run exactly
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.distributed import REPO, run_job
+
 WORKER = os.path.join(REPO, "tests", "lm", "multiprocess_train_worker.py")
 
 
@@ -19,39 +17,9 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HERD_CACHE", str(tmp_path_factory.getbasetemp() / "herd_cache"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _run(workdir, out, *overrides):
     """Both processes of one 2-process run; returns their two summaries."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                str(port),
-                "2",
-                str(i),
-                str(workdir),
-                f"{out}.{i}.json",
-                "train.steps=4",
-                *overrides,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_job(WORKER, lambda i: [str(workdir), f"{out}.{i}.json", "train.steps=4", *overrides])
     return [json.load(open(f"{out}.{i}.json")) for i in range(2)]
 
 
