@@ -25,15 +25,7 @@ def main():
     from herd.lm import train
 
     assert jax.process_count() == n_proc and jax.device_count() == 2 * n_proc
-    cfg = load_config("configs/lm/tiny.py")
-    for item in sys.argv[6:]:
-        key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        node = cfg
-        for p in path:
-            node = node[p]
-        with node.ignore_type():
-            node[last] = int(value)
+    cfg = load_config("configs/lm/tiny.py", sys.argv[6:])  # config.key=value overrides
     res = train.run(cfg, workdir)
     from jax.experimental import multihost_utils
 
