@@ -229,27 +229,28 @@ def _key_extents(n: int, chunk: int, s: int, t: int, causal: bool) -> tuple[int,
     return None
 
 
-def _chunk_scores(qi, k, seg_q, seg_k, start, causal):
-    """Masked, scaled scores [B, KV, G, C, S'] (float32 at least) of one query chunk."""
-    stat = jnp.promote_types(qi.dtype, jnp.float32)
-    c, s = qi.shape[3], k.shape[2]
-    scale = jnp.asarray(1.0 / math.sqrt(qi.shape[-1]), stat)
-    scores = jnp.einsum("bkgcd,bksd->bkgcs", qi, k, preferred_element_type=stat) * scale
-    allowed = None
-    if causal:
-        qpos = start + jnp.arange(c, dtype=jnp.int32)
-        allowed = (qpos[:, None] >= jnp.arange(s, dtype=jnp.int32)[None, :])[None]
+def _allowed(qpos, seg_q, kpos, seg_k):
+    """[B or 1, R, S] bool: query rows (positions ``qpos`` [R], segments ``seg_q`` [B, R]) may
+    see keys (``kpos`` [S], ``seg_k`` [B, S]); None when nothing is masked."""
+    allowed = None if qpos is None else (qpos[:, None] >= kpos[None, :])[None]
     if seg_k is not None:
-        same = seg_q[:, :, None] == seg_k[:, None, :]  # [B, C, S']
+        same = seg_q[:, :, None] == seg_k[:, None, :]
         allowed = same if allowed is None else allowed & same
-    if allowed is not None:
-        # A row with nothing allowed (a padded query row) gets a uniform softmax.
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(stat).min)
-    return scores
+    return allowed
 
 
 def _chunk_forward(qi, k, v, seg_q, seg_k, start, causal):
-    scores = _chunk_scores(qi, k, seg_q, seg_k, start, causal)
+    """(output, log-sum-exp) of one query chunk qi [B, KV, G, C, D] against k/v [B, KV, S', D]."""
+    stat = jnp.promote_types(qi.dtype, jnp.float32)
+    c, s = qi.shape[3], k.shape[2]
+    # The 1/sqrt(D) scale goes on the C x D queries, not on the C x S' scores.
+    qs = qi * jnp.asarray(1.0 / math.sqrt(qi.shape[-1]), qi.dtype)
+    scores = jnp.einsum("bkgcd,bksd->bkgcs", qs, k, preferred_element_type=stat)
+    qpos = start + jnp.arange(c, dtype=jnp.int32) if causal else None
+    allowed = _allowed(qpos, seg_q, jnp.arange(s, dtype=jnp.int32), seg_k)
+    if allowed is not None:
+        # A row with nothing allowed (a padded query row) gets a uniform softmax.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(stat).min)
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -258,18 +259,36 @@ def _chunk_forward(qi, k, v, seg_q, seg_k, start, causal):
 
 
 def _chunk_backward(qi, k, v, oi, lse, doi, seg_q, seg_k, start, causal):
-    """(dq_i, dk, dv) of one query chunk against keys k/v [B, KV, S', D]."""
-    scores = _chunk_scores(qi, k, seg_q, seg_k, start, causal)
-    p = jnp.exp(scores - lse[..., None])
-    stat = p.dtype
-    scale = jnp.asarray(1.0 / math.sqrt(qi.shape[-1]), stat)
-    dp = jnp.einsum("bkgcd,bksd->bkgcs", doi, v, preferred_element_type=stat)
-    delta = jnp.sum(doi.astype(stat) * oi.astype(stat), axis=-1, keepdims=True)
-    ds = (p * (dp - delta) * scale).astype(qi.dtype)
-    dq = jnp.einsum("bkgcs,bksd->bkgcd", ds, k, preferred_element_type=stat)
-    dk = jnp.einsum("bkgcs,bkgcd->bksd", ds, qi, preferred_element_type=stat)
-    dv = jnp.einsum("bkgcs,bkgcd->bksd", p.astype(doi.dtype), doi, preferred_element_type=stat)
-    return dq, dk, dv
+    """(dq_i, dk, dv) of one query chunk against keys k/v [B, KV, S', D].
+
+    Key-major: the S' x R probabilities (R = G x C query rows of a KV group) are recomputed
+    transposed, so that every S' x R operand enters its matmuls in the layout it was made
+    in (dV = P^T dO, dK = dS^T Q, dQ^T = K^T dS^T); only the small R x D and S' x D
+    operands get transposed. Query-major, XLA copied P and dS to transpose them before
+    dK/dV (18% of this function's time on CPU). The softmax scale multiplies the small
+    products (Q before the scores, dQ and dK after), never an S' x R array.
+    """
+    b, kv, g, c, d = qi.shape
+    s = k.shape[2]
+    stat = jnp.promote_types(qi.dtype, jnp.float32)
+    scale = 1.0 / math.sqrt(d)
+    q2, o2, do2 = (x.reshape(b, kv, g * c, d) for x in (qi, oi, doi))
+    scores_t = jnp.einsum(
+        "bksd,bkrd->bksr", k, q2 * jnp.asarray(scale, q2.dtype), preferred_element_type=stat
+    )
+    qpos = start + jnp.tile(jnp.arange(c, dtype=jnp.int32), g) if causal else None
+    seg_r = None if seg_k is None else jnp.tile(seg_q, (1, g))
+    allowed = _allowed(qpos, seg_r, jnp.arange(s, dtype=jnp.int32), seg_k)
+    if allowed is not None:
+        scores_t = jnp.where(allowed.swapaxes(1, 2)[:, None], scores_t, jnp.finfo(stat).min)
+    p_t = jnp.exp(scores_t - lse.reshape(b, kv, 1, g * c))
+    dp_t = jnp.einsum("bksd,bkrd->bksr", v, do2, preferred_element_type=stat)
+    delta = jnp.sum(do2.astype(stat) * o2.astype(stat), axis=-1)  # rowsum(dO * O)
+    ds_t = (p_t * (dp_t - delta[:, :, None, :])).astype(qi.dtype)
+    dv = jnp.einsum("bksr,bkrd->bksd", p_t.astype(doi.dtype), do2, preferred_element_type=stat)
+    dk = jnp.einsum("bksr,bkrd->bksd", ds_t, q2, preferred_element_type=stat) * scale
+    dq = jnp.einsum("bksd,bksr->bkrd", k, ds_t, preferred_element_type=stat) * scale
+    return dq.reshape(b, kv, g, c, d), dk, dv
 
 
 def _chunks(x, chunk):
