@@ -585,7 +585,13 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         table = _Embedding(c, name="tok_embeddings")()
-        x = jnp.take(table, tokens, axis=0).astype(dt)
+        # The lookup reads the table with its embed axis gathered (what FSDP does for every
+        # weight before use) and vocab still split over 'tensor': each device gathers its
+        # own batch rows from its vocab shard and one all-reduce over 'tensor' combines
+        # them. From the (vocab, embed)-split table, XLA's SPMD partitioner had no direct
+        # way to batch-split activations and fell back to replicating the global lookup
+        # result; later passes undid that at the shapes tried, but nothing promised it.
+        x = jnp.take(_constrain(table, ("vocab", None)), tokens, axis=0).astype(dt)
         x = _constrain(x, ("batch", "length", "embed"))
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
 
