@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
             "tokenizer_train_files": 400,  # files used to train that tokenizer (0 = all)
             "seq_len": 256,
             "global_batch_size": 16,  # sequences per step, all processes together
+            # later batch shapes, 'TOKENS:BATCHxSEQ,...' (herd.lm.data.batch_stages); '' = none
+            "batch_ramp": "",
             "seed": 0,
             "worker_count": 0,
         }
@@ -98,12 +100,19 @@ def pod_config(
     mesh: dict | None = None,
     remat_policy: str = "full",
     vocab_chunk: int = 0,
+    batch_ramp: str = "",
+    schedule_steps: int | None = None,
 ) -> ml_collections.ConfigDict:
     """A published pre-training recipe for a pod (bf16 compute, float32 params).
 
-    The corpus and tokenizer are the user's: set --config.data.source, .eval_source and
-    .tokenizer (an empty source is refused before anything compiles).
+    ``batch_tokens`` / ``seq_len`` is the first batch shape; ``batch_ramp`` the later ones
+    (herd.lm.data.batch_stages). Training stops once ``train_tokens`` are seen; the
+    learning-rate schedule spans ``schedule_steps`` when the paper states it, else that
+    many steps. The corpus and tokenizer are the user's: set --config.data.source,
+    .eval_source and .tokenizer (an empty source is refused before anything compiles).
     """
+    from herd.lm.data import batch_stages, steps_for_tokens
+
     c = base_config()
     c.model.preset = preset
     c.model.dtype = "bfloat16"
@@ -116,7 +125,12 @@ def pod_config(
     c.optim.warmup_steps = warmup_steps
     c.optim.min_lr_ratio = min_lr_ratio
     c.optim.eps = eps
-    c.train.steps = int(train_tokens // batch_tokens)
+    c.data.batch_ramp = batch_ramp
+    stages = batch_stages(batch_ramp, batch_tokens // seq_len, seq_len)
+    budget = steps_for_tokens(stages, train_tokens)
+    c.train.steps = schedule_steps or budget
+    if schedule_steps and budget < schedule_steps:
+        c.train.stop_after = budget
     c.train.vocab_chunk = vocab_chunk
     c.train.eval_every = 1000
     c.train.eval_batches = 50

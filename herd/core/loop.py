@@ -71,6 +71,10 @@ class _SigtermFlag:
         return False
 
 
+def _at(per_step, step: int):
+    return per_step(step) if callable(per_step) else per_step
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -89,9 +93,9 @@ def train_loop(
     writer: Any = None,
     progress: Any = None,
     log_every: int = 10,
-    units_per_step: float | None = None,
+    units_per_step: float | Callable[[int], float] | None = None,
     unit: str = "tokens",
-    flops_per_step: float | None = None,
+    flops_per_step: float | Callable[[int], float] | None = None,
     peak_flops: float | None = None,
     eval_at_start: bool = False,
 ) -> tuple[Any, dict]:
@@ -99,6 +103,9 @@ def train_loop(
 
     history: {'loss': {step: float}, 'eval': {step: {...}}, 'preempted': bool,
               'steps_run': int, 'seconds': float}
+
+    units_per_step / flops_per_step may be functions of the 0-based step (a batch-size
+    ramp); a log row uses the value of the step it ends at.
     """
     step = int(jax.device_get(state.step))
     start_step = step
@@ -175,10 +182,11 @@ def train_loop(
                     last_time, last_step = now, step
                     row = dict(last)
                     row["seconds_per_step"] = dt
-                    if units_per_step:
-                        row[f"{unit}_per_second"] = units_per_step / dt
-                    if flops_per_step and peak_flops:
-                        row["mfu"] = flops_per_step / dt / peak_flops
+                    units, flops = _at(units_per_step, step - 1), _at(flops_per_step, step - 1)
+                    if units:
+                        row[f"{unit}_per_second"] = units / dt
+                    if flops and peak_flops:
+                        row["mfu"] = flops / dt / peak_flops
                     if writer is not None:
                         writer.write(step, row)
                     if progress is not None:

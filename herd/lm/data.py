@@ -11,6 +11,8 @@ Public API (INTERFACES.md)::
     make_source(source) -> a random-access record source (len, [i], describe(i), kind, field)
     sample_texts(source, n=0) -> list[str]  # documents as text (corrupt ones skipped)
     PackedBatchIterator.counters  # docs, tokens, rows, skipped_* (corrupt records)...
+    batch_stages(ramp, global_batch, seq_len) -> [BatchStage(start_step, global_batch, seq_len)]
+    StagedIterator(make, stages)  # batches whose shape follows a batch-size ramp
 
 Sources (``source`` argument): a list of paths/globs (text files, one document per file), or a
 spec string: 'text:<glob>', 'jsonl:<glob>[:field]' (one JSON object per line, the document in
@@ -729,3 +731,150 @@ def make_lm_iterator(
             tfds_data_dir=tfds_data_dir,
         )
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-size ramp (Llama 3, sec. 3.4.1)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStage:
+    """From step ``start_step`` on, global batches of ``global_batch`` x ``seq_len`` tokens."""
+
+    start_step: int
+    global_batch: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def batch_stages(ramp: str, global_batch: int, seq_len: int) -> list[BatchStage]:
+    """The stages of a batch-size ramp, each with the step it starts at.
+
+    The first stage is ``global_batch`` x ``seq_len`` from step 0. ``ramp`` lists the later
+    ones as 'TOKENS:BATCHxSEQ,...': once TOKENS training tokens have been seen (batch x
+    seq_len token slots per step, the paper's unit), batches become BATCH sequences of SEQ
+    tokens, from the first step boundary at or past TOKENS. '' means no ramp.
+
+    Llama 3 405B (sec. 3.4.1): 4M-token batches of 4,096-token sequences for the first
+    252M tokens, then 8M of 8,192, then 16M after 2.87T tokens:
+    ``batch_stages('252e6:1024x8192,2.87e12:2048x8192', 1024, 4096)``.
+    """
+    stages = [BatchStage(0, int(global_batch), int(seq_len))]
+    if not ramp or not ramp.strip():
+        return stages
+    seen = 0  # tokens seen when the last stage starts
+    for part in ramp.split(","):
+        try:
+            tokens_text, shape = part.strip().split(":")
+            batch_text, seq_text = shape.lower().split("x")
+            tokens, batch, seq = float(tokens_text), int(batch_text), int(seq_text)
+        except ValueError:
+            raise ValueError(
+                f"batch ramp stage {part.strip()!r} is not TOKENS:BATCHxSEQ "
+                "(e.g. '252e6:1024x8192')"
+            ) from None
+        if batch < 1 or seq < 1:
+            raise ValueError(f"batch ramp stage {part.strip()!r}: batch and seq must be >= 1")
+        prev = stages[-1]
+        if not tokens > seen:
+            raise ValueError(
+                f"batch ramp stage {part.strip()!r} starts at {tokens:.4g} tokens, but "
+                f"{seen} tokens are already seen when the stage before it starts (step "
+                f"{prev.start_step}): stages must start at increasing token counts"
+            )
+        steps = -(-(int(tokens) - seen) // prev.tokens_per_step)  # ceil
+        stages.append(BatchStage(prev.start_step + steps, batch, seq))
+        seen += steps * prev.tokens_per_step
+    return stages
+
+
+def stage_at(stages: Sequence[BatchStage], step: int) -> BatchStage:
+    """The stage that step ``step`` (0-based) trains in."""
+    current = stages[0]
+    for stage in stages[1:]:
+        if stage.start_step <= step:
+            current = stage
+    return current
+
+
+def steps_for_tokens(stages: Sequence[BatchStage], tokens: float) -> int:
+    """Steps until ``tokens`` training tokens are seen (the last one may overshoot)."""
+    seen = 0  # tokens seen when `stage` starts
+    for stage, following in zip(stages, [*stages[1:], None], strict=True):
+        if following is not None:
+            in_stage = (following.start_step - stage.start_step) * stage.tokens_per_step
+            if seen + in_stage < tokens:
+                seen += in_stage
+                continue
+        return stage.start_step + max(0, -(-(int(tokens) - seen) // stage.tokens_per_step))
+    raise ValueError("no batch stages")
+
+
+class StagedIterator:
+    """Packed batches whose shape follows batch stages; checkpointable like the iterator.
+
+    ``make(stage)`` builds this process's iterator for a stage. At a stage's first step the
+    iterator is rebuilt with the new shape and given the old one's state: the packer's state
+    is a position in the document stream (the parent's state and the offset in the current
+    document), not a shape, so at the switch no token is skipped or seen twice. The state
+    also holds the number of batches yielded, which picks the stage on restore.
+    """
+
+    def __init__(self, make, stages: Sequence[BatchStage]):
+        self._make, self._stages = make, list(stages)
+        self._step = 0
+        self._stage = self._stages[0]
+        self._it = None  # built on first use, so a restore builds one iterator, not two
+
+    def __iter__(self):
+        return self
+
+    @property
+    def stage(self) -> BatchStage:
+        return self._stage
+
+    def _current(self):
+        if self._it is None:
+            self._it = self._make(self._stage)
+        return self._it
+
+    def _switch(self, stage: BatchStage, stream_state) -> None:
+        self.close()
+        self._stage = stage
+        self._current().set_state(stream_state)
+
+    def __next__(self):
+        stage = stage_at(self._stages, self._step)
+        if stage != self._stage:
+            self._switch(stage, self._current().get_state())
+            log.info(
+                "data: step %d: batches of %d x %d tokens from now on",
+                self._step,
+                stage.global_batch,
+                stage.seq_len,
+            )
+        batch = next(self._current())
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"batches": self._step, "stream": self._current().get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) != {"batches", "stream"}:
+            raise ValueError(
+                "this data state was saved without a batch ramp (data.batch_ramp): it has no "
+                "batch count to place the ramp at; resume with the ramp the run started with"
+            )
+        self._step = int(state["batches"])
+        self._switch(stage_at(self._stages, self._step), state["stream"])
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None

@@ -25,6 +25,11 @@ family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test confi
 ``--config.key=value`` overrides any field; an unknown key is an error. Metrics go to
 ``workdir/metrics.jsonl`` and ``workdir/tb`` (TensorBoard).
 
+``data.batch_ramp`` grows the batch during training as Llama 3 405B did (sec. 3.4.1), e.g.
+``--config.data.batch_ramp=252e6:1024x8192,2.87e12:2048x8192``: at each stage the step is
+compiled for the new shape and the data stream continues where it was (no token skipped
+or repeated); a checkpoint resumes in the right stage. Eval batches keep the first shape.
+
 The sample uses a plain greedy loop that re-runs the model on the growing sequence (no KV
 cache); a real prefill + decode generator is herd.lm.generate's job.
 """
@@ -93,31 +98,48 @@ def build_model_config(model_cfg: ml_collections.ConfigDict | dict):
     return LlamaConfig(**fields)
 
 
-def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> None:
-    """Raises ValueError naming the bad value before anything is compiled."""
+def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
+    """Raises ValueError naming the bad value before anything is compiled.
+
+    Returns the batch stages (herd.lm.data.BatchStage; one unless data.batch_ramp is set),
+    each of which is checked like the first.
+    """
     seq_len = int(cfg.data.seq_len)
     if seq_len <= 0:
         raise ValueError(f"data.seq_len must be positive, got {seq_len}")
-    if seq_len > model_config.max_seq_len:
-        raise ValueError(
-            f"data.seq_len {seq_len} is above the model's max_seq_len {model_config.max_seq_len}"
-        )
     if int(cfg.train.grad_accum_steps) < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     if int(cfg.train.steps) < 1:
         raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
-    mesh_lib.check_global_batch(int(cfg.data.global_batch_size), mesh, cfg.train.grad_accum_steps)
     chunk = cfg.train.get("vocab_chunk") or 0
     if chunk < 0:
         raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
-    check_attention_config(
-        model_config.attention_impl,
-        seq_len,
-        q_chunk=model_config.attention_q_chunk,
-        n_heads=model_config.n_heads,
-        n_kv_heads=model_config.n_kv_heads,
-        head_dim=model_config.head_dim,
+    stages = data_lib.batch_stages(
+        cfg.data.get("batch_ramp") or "", int(cfg.data.global_batch_size), seq_len
     )
+    for i, stage in enumerate(stages):
+        ramp_stage = f"data.batch_ramp stage {i} (from step {stage.start_step})"
+        if stage.seq_len > model_config.max_seq_len:
+            what = f"{ramp_stage}: seq_len" if i else "data.seq_len"
+            raise ValueError(
+                f"{what} {stage.seq_len} is above the model's max_seq_len "
+                f"{model_config.max_seq_len}"
+            )
+        try:
+            mesh_lib.check_global_batch(stage.global_batch, mesh, cfg.train.grad_accum_steps)
+        except ValueError as e:
+            if not i:
+                raise
+            raise ValueError(f"{ramp_stage}: {e}") from None
+        check_attention_config(
+            model_config.attention_impl,
+            stage.seq_len,
+            q_chunk=model_config.attention_q_chunk,
+            n_heads=model_config.n_heads,
+            n_kv_heads=model_config.n_kv_heads,
+            head_dim=model_config.head_dim,
+        )
+    return stages
 
 
 def flops_per_token(model_config, seq_len: int) -> float:
@@ -457,7 +479,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     # --- everything a user can get wrong is checked before compiling anything
     model_config = build_model_config(cfg.model)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh))
-    validate_config(cfg, model_config, mesh)
+    stages = validate_config(cfg, model_config, mesh)
     say(f"workdir: {workdir}")
     say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
     train_source, eval_source, digest = _corpus(cfg, say)
@@ -473,15 +495,30 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    train_iter = data_lib.make_lm_iterator(
-        train_source,
-        tokenizer,
-        seed=int(cfg.data.seed),
-        shuffle=True,
-        num_epochs=None,
-        worker_count=int(cfg.data.get("worker_count") or 0),
-        **common,
-    )
+
+    def train_iterator(stage):
+        return data_lib.make_lm_iterator(
+            train_source,
+            tokenizer,
+            seed=int(cfg.data.seed),
+            shuffle=True,
+            num_epochs=None,
+            worker_count=int(cfg.data.get("worker_count") or 0),
+            **{
+                **common,
+                "seq_len": stage.seq_len,
+                "batch_size": stage.global_batch // jax.process_count(),
+            },
+        )
+
+    if len(stages) > 1:
+        say(
+            "batch ramp: "
+            + ", ".join(f"{s.global_batch} x {s.seq_len} from step {s.start_step}" for s in stages)
+        )
+        train_iter = data_lib.StagedIterator(train_iterator, stages)
+    else:
+        train_iter = train_iterator(stages[0])
     n_eval = int(cfg.train.eval_batches)
     eval_iter = data_lib.make_lm_iterator(
         eval_source, tokenizer, seed=0, shuffle=False, num_epochs=1, **common
@@ -536,8 +573,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             count += float(n)
         return {"eval_loss": total / max(count, 1.0)}
 
-    tokens_per_step = global_batch * seq_len
-    flops = flops_per_token(model_config, seq_len) * tokens_per_step
+    def tokens_per_step(step):
+        return data_lib.stage_at(stages, step).tokens_per_step
+
+    def flops_per_step(step):
+        stage = data_lib.stage_at(stages, step)
+        return flops_per_token(model_config, stage.seq_len) * stage.tokens_per_step
+
     peak = matmul_peak_flops(model_config.dtype)
     writer = MetricsWriter(workdir, tensorboard=bool(cfg.train.get("tensorboard", True)))
     writer.write(
@@ -568,7 +610,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             log_every=int(cfg.train.log_every),
             units_per_step=tokens_per_step,
             unit="tokens",
-            flops_per_step=flops,
+            flops_per_step=flops_per_step,
             peak_flops=peak,
             eval_at_start=bool(cfg.train.get("eval_at_start", True)) and start is None,
         )

@@ -518,3 +518,152 @@ def test_sample_texts_for_tokenizer_training(tmp_path):
         input_kind="texts",
     )  # fmt: skip
     assert tok.decode(tok.encode("doc 0")) == "doc 0"
+
+
+# --------------------------------------------------------------------------------------------
+# batch-size ramp (Llama 3 sec. 3.4.1)
+# --------------------------------------------------------------------------------------------
+
+
+def _brute_force_starts(ramp, batch, seq, steps):
+    """Stage of each step by counting tokens step by step: a stage starts at the first step
+    boundary where the tokens seen reach its threshold."""
+    shapes = [(0.0, batch, seq)] + [
+        (float(t), int(s.split("x")[0]), int(s.split("x")[1]))
+        for t, s in (p.split(":") for p in ramp.split(","))
+    ]
+    seen, k, out = 0, 0, []
+    for _ in range(steps):
+        while k + 1 < len(shapes) and seen >= shapes[k + 1][0]:
+            k += 1
+        out.append(shapes[k][1:])
+        seen += shapes[k][1] * shapes[k][2]
+    return out, seen
+
+
+def test_batch_stages_llama3_405b_ramp():
+    ramp = "252e6:1024x8192,2.87e12:2048x8192"
+    stages = dl.batch_stages(ramp, 1024, 4096)
+    # 252M tokens at 4,194,304 per step: 60.08 steps -> the switch at step 61
+    assert [(s.start_step, s.global_batch, s.seq_len) for s in stages] == [
+        (0, 1024, 4096),
+        (61, 1024, 8192),
+        (342162, 2048, 8192),
+    ]
+    assert [s.tokens_per_step for s in stages] == [4 * 2**20, 8 * 2**20, 16 * 2**20]
+    assert dl.stage_at(stages, 60).seq_len == 4096 and dl.stage_at(stages, 61).seq_len == 8192
+    # a small ramp against step-by-step token counting, boundaries and budget included
+    ramp = "100:4x8,150:2x4,1000:8x16"
+    stages = dl.batch_stages(ramp, 2, 16)
+    shapes, _ = _brute_force_starts(ramp, 2, 16, 40)
+    assert [(dl.stage_at(stages, i).global_batch, dl.stage_at(stages, i).seq_len)
+            for i in range(40)] == shapes  # fmt: skip
+    for budget in (1, 32, 100, 150, 999, 1000, 3000):
+        n = dl.steps_for_tokens(stages, budget)
+        assert _brute_force_starts(ramp, 2, 16, n)[1] >= budget
+        assert _brute_force_starts(ramp, 2, 16, n - 1)[1] < budget
+    assert len(dl.batch_stages("", 8, 64)) == 1
+
+
+@pytest.mark.parametrize(
+    "ramp, match",
+    [
+        ("252e6:1024", "is not TOKENS:BATCHxSEQ"),
+        ("lots:8x64", "is not TOKENS:BATCHxSEQ"),
+        ("100:0x64", "batch and seq must be >= 1"),
+        ("1000:8x64,500:8x128", "stages must start at increasing token counts"),
+        ("10:8x64,20:8x128", "stages must start at increasing token counts"),  # same step
+    ],
+)
+def test_batch_ramp_bad_spec(ramp, match):
+    with pytest.raises(ValueError, match=match):
+        dl.batch_stages(ramp, 8, 64)
+
+
+def test_staged_iterator_switches_shape_without_losing_a_token(tmp_path):
+    paths = write_docs(tmp_path, doc_texts(40, seed=5, max_len=120))
+    kw = dict(seed=3, shard_index=0, shard_count=1, read_threads=1)
+    # 2 x 16 tokens for 3 steps, then 4 x 32 for 2, then 1 x 8
+    stages = dl.batch_stages("96:4x32,352:1x8", 2, 16)
+    assert [s.start_step for s in stages] == [0, 3, 5]
+
+    def make(stage):
+        return dl.make_lm_iterator(
+            paths, TOK, seq_len=stage.seq_len, batch_size=stage.global_batch, **kw
+        )
+
+    it = dl.StagedIterator(make, stages)
+    batches, states = [], []
+    for _ in range(9):
+        states.append(json.loads(json.dumps(it.get_state())))
+        batches.append(next(it))
+    assert [b["inputs"].shape for b in batches] == [(2, 16)] * 3 + [(4, 32)] * 2 + [(1, 8)] * 4
+    # 'concat' packing fills rows from one stream of (input, target) pairs, whatever their
+    # shape: the ramped rows, flattened, are the unramped stream, nothing skipped or repeated
+    plain = dl.make_lm_iterator(paths, TOK, seq_len=8, batch_size=1, **kw)
+    stream = np.concatenate([b["inputs"].ravel() for b in batches])
+    targets = np.concatenate([b["targets"].ravel() for b in batches])
+    expect = [next(plain) for _ in range(stream.size // 8)]
+    np.testing.assert_array_equal(stream, np.concatenate([b["inputs"].ravel() for b in expect]))
+    np.testing.assert_array_equal(targets, np.concatenate([b["targets"].ravel() for b in expect]))
+    assert all(b["loss_mask"].all() for b in batches)
+    # restoring before, exactly at and after a switch continues with the same batches
+    for at in (2, 3, 4, 5, 7):
+        again = dl.StagedIterator(make, stages)
+        next(again)
+        again.set_state(states[at])
+        for want in batches[at:]:
+            got = next(again)
+            for k in dl.BATCH_KEYS:
+                np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="saved without a batch ramp"):
+        dl.StagedIterator(make, stages).set_state(make(stages[0]).get_state())
+
+
+def test_grain_workers_see_every_token_once_and_resume_through_a_ramp(tmp_path):
+    """worker_count=2 (grain mp_prefetch, each worker packing its own slice of documents):
+    one epoch holds every (input, target) pair of every document exactly once; a staged
+    iterator over it switches shape and restores exactly, also right at a switch."""
+    from collections import Counter
+
+    texts = doc_texts(30, seed=9, max_len=100)
+    paths = write_docs(tmp_path, texts)
+    kw = dict(seed=2, shard_index=0, shard_count=1, worker_count=2)
+    it = dl.make_lm_iterator(paths, TOK, seq_len=16, batch_size=2, num_epochs=1, **kw)
+    batches = list(it)
+    it.close()
+    got = Counter()
+    for b in batches:
+        m = b["loss_mask"] > 0
+        got.update(zip(b["inputs"][m].tolist(), b["targets"][m].tolist(), strict=True))
+    want = Counter()
+    for d in expected_tokens(texts):
+        want.update(zip(d[:-1].tolist(), d[1:].tolist(), strict=True))
+    assert got == want
+
+    stages = dl.batch_stages("96:4x32,352:1x8", 2, 16)
+    opened = []
+
+    def make(stage):
+        opened.append(
+            dl.make_lm_iterator(
+                paths, TOK, seq_len=stage.seq_len, batch_size=stage.global_batch, **kw
+            )
+        )
+        return opened[-1]
+
+    staged = dl.StagedIterator(make, stages)
+    states, out = [], []
+    for _ in range(7):
+        states.append(json.loads(json.dumps(staged.get_state())))
+        out.append(next(staged))
+    assert [b["inputs"].shape for b in out] == [(2, 16)] * 3 + [(4, 32)] * 2 + [(1, 8)] * 2
+    # restored exactly at the first switch (each worker pool takes ~3 s to start)
+    again = dl.StagedIterator(make, stages)
+    again.set_state(states[3])
+    for want_batch in out[3:]:
+        got_batch = next(again)
+        for k in dl.BATCH_KEYS:
+            np.testing.assert_array_equal(got_batch[k], want_batch[k])
+    for o in opened:
+        o.close()

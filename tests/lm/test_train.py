@@ -1,6 +1,7 @@
 """herd.lm.train: configs, validation, sharded == single device, end to end, exact resume."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from herd.core import mesh as mesh_lib
 from herd.core.config import config_path, load_config
 from herd.core.optim import make_optimizer
+from herd.lm import data as data_lib
 from herd.lm import train
 from herd.lm.model import Llama, LlamaConfig
 
@@ -56,13 +58,19 @@ def test_every_config_file_builds():
         assert cfg.data.seq_len <= mc.max_seq_len, name
         if cfg.model.preset:
             assert cfg.model.dtype == "bfloat16"
-            # the published batch of ~4M tokens (16M for the 405B final stage)
-            tokens = cfg.data.global_batch_size * cfg.data.seq_len
-            assert tokens in (4 * 2**20, 16 * 2**20), name
+            # the published batch of ~4M tokens (the 405B ramps on to 8M and 16M)
+            assert cfg.data.global_batch_size * cfg.data.seq_len == 4 * 2**20, name
             assert cfg.optim.b1 == 0.9 and cfg.optim.b2 == 0.95
             assert cfg.optim.weight_decay == 0.1 and cfg.optim.clip_norm == 1.0
     assert load_config("configs/lm/llama3_8b.py").model.preset == "llama3-8b"
-    assert load_config("configs/lm/llama3_1_405b.py").optim.lr == 8e-5
+    big = load_config("configs/lm/llama3_1_405b.py")
+    assert big.optim.lr == 8e-5
+    # sec. 3.4.1: the cosine spans 1.2M steps; 15.6T tokens through the ramp end sooner
+    stages = data_lib.batch_stages(big.data.batch_ramp, big.data.global_batch_size, 4096)
+    assert [s.tokens_per_step for s in stages] == [4 * 2**20, 8 * 2**20, 16 * 2**20]
+    assert [s.seq_len for s in stages] == [4096, 8192, 8192]
+    assert big.train.steps == 1_200_000
+    assert big.train.stop_after == data_lib.steps_for_tokens(stages, 15.6e12) == 1_100_929
     default = train.build_model_config(load_config("configs/lm/default.py").model)
     assert default.rope_theta == 5e5 and default.n_kv_heads < default.n_heads
 
@@ -89,6 +97,9 @@ def _tiny(**over):
         ({"data.global_batch_size": 6}, "global batch 6 .* data-parallel size 8"),
         ({"model.preset": "llama9-1b"}, "unknown preset 'llama9-1b'; valid presets: .*llama3-8b"),
         ({"data.source": ""}, "data.source is empty"),
+        ({"data.batch_ramp": "1024:8x512"}, "stage 1 \\(from step 2\\): seq_len 512 is above"),
+        ({"data.batch_ramp": "1024:12x64"}, "stage 1 .*global batch 12 .* data-parallel size 8"),
+        ({"data.batch_ramp": "1024:8"}, "is not TOKENS:BATCHxSEQ"),
         ({"data.source": "text:/nonexistent/dir/*.txt", "data.eval_source": "x"}, "nonexistent"),
     ],
 )
@@ -213,6 +224,29 @@ def test_end_to_end_and_exact_resume(tmp_path):
     assert {**half["loss"], **rest["loss"]} == full["loss"]
     for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(rest["state"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batch_ramp_run_and_resume_across_the_switch(tmp_path):
+    # 8 x 64 tokens for steps 0-2, 16 x 64 for 3-4, 8 x 32 for 5-7
+    ramp = {"data.batch_ramp": "1536:16x64,3584:8x32", "train.log_every": 1}
+    full = train.run(_tiny(**ramp), str(tmp_path / "full"))
+    assert full["final_step"] == 8
+    with open(tmp_path / "full" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    tokens = {r["step"]: r["tokens"] for r in rows if "tokens" in r}
+    assert [tokens[s] for s in range(1, 9)] == [512] * 3 + [1024] * 2 + [256] * 3
+    evals = sorted(full["eval"].items())
+    assert evals[-1][1]["eval_loss"] < evals[0][1]["eval_loss"]
+    # stopped exactly at the first switch, and inside the third stage
+    for stop in (3, 6):
+        work = str(tmp_path / f"split{stop}")
+        half = train.run(_tiny(**ramp, **{"train.stop_after": stop}), work)
+        rest = train.run(_tiny(**ramp), work)
+        assert {**half["loss"], **rest["loss"]} == full["loss"]
+        for a, b in zip(
+            jax.tree.leaves(full["state"]), jax.tree.leaves(rest["state"]), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_command_line_entry(tmp_path):
