@@ -580,6 +580,27 @@ def test_batch_ramp_bad_spec(ramp, match):
         dl.batch_stages(ramp, 8, 64)
 
 
+def _staged_run(make, stages, n):
+    """n batches of a StagedIterator, each with the (JSON round-tripped) state before it."""
+    it = dl.StagedIterator(make, stages)
+    states, batches = [], []
+    for _ in range(n):
+        states.append(json.loads(json.dumps(it.get_state())))
+        batches.append(next(it))
+    return batches, states
+
+
+def _assert_resumes(make, stages, state, expected, advance_first=False):
+    again = dl.StagedIterator(make, stages)
+    if advance_first:
+        next(again)  # progress that the restore must discard
+    again.set_state(state)
+    for want in expected:
+        got = next(again)
+        for k in dl.BATCH_KEYS:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_staged_iterator_switches_shape_without_losing_a_token(tmp_path):
     paths = write_docs(tmp_path, doc_texts(40, seed=5, max_len=120))
     kw = dict(seed=3, shard_index=0, shard_count=1, read_threads=1)
@@ -592,11 +613,7 @@ def test_staged_iterator_switches_shape_without_losing_a_token(tmp_path):
             paths, TOK, seq_len=stage.seq_len, batch_size=stage.global_batch, **kw
         )
 
-    it = dl.StagedIterator(make, stages)
-    batches, states = [], []
-    for _ in range(9):
-        states.append(json.loads(json.dumps(it.get_state())))
-        batches.append(next(it))
+    batches, states = _staged_run(make, stages, 9)
     assert [b["inputs"].shape for b in batches] == [(2, 16)] * 3 + [(4, 32)] * 2 + [(1, 8)] * 4
     # 'concat' packing fills rows from one stream of (input, target) pairs, whatever their
     # shape: the ramped rows, flattened, are the unramped stream, nothing skipped or repeated
@@ -609,13 +626,7 @@ def test_staged_iterator_switches_shape_without_losing_a_token(tmp_path):
     assert all(b["loss_mask"].all() for b in batches)
     # restoring before, exactly at and after a switch continues with the same batches
     for at in (2, 3, 4, 5, 7):
-        again = dl.StagedIterator(make, stages)
-        next(again)
-        again.set_state(states[at])
-        for want in batches[at:]:
-            got = next(again)
-            for k in dl.BATCH_KEYS:
-                np.testing.assert_array_equal(got[k], want[k])
+        _assert_resumes(make, stages, states[at], batches[at:], advance_first=True)
     with pytest.raises(ValueError, match="saved without a batch ramp"):
         dl.StagedIterator(make, stages).set_state(make(stages[0]).get_state())
 
@@ -652,18 +663,9 @@ def test_grain_workers_see_every_token_once_and_resume_through_a_ramp(tmp_path):
         )
         return opened[-1]
 
-    staged = dl.StagedIterator(make, stages)
-    states, out = [], []
-    for _ in range(7):
-        states.append(json.loads(json.dumps(staged.get_state())))
-        out.append(next(staged))
+    out, states = _staged_run(make, stages, 7)
     assert [b["inputs"].shape for b in out] == [(2, 16)] * 3 + [(4, 32)] * 2 + [(1, 8)] * 2
     # restored exactly at the first switch (each worker pool takes ~3 s to start)
-    again = dl.StagedIterator(make, stages)
-    again.set_state(states[3])
-    for want_batch in out[3:]:
-        got_batch = next(again)
-        for k in dl.BATCH_KEYS:
-            np.testing.assert_array_equal(got_batch[k], want_batch[k])
+    _assert_resumes(make, stages, states[3], out[3:])
     for o in opened:
         o.close()
