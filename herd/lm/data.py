@@ -833,10 +833,6 @@ class StagedIterator:
     def __iter__(self):
         return self
 
-    @property
-    def stage(self) -> BatchStage:
-        return self._stage
-
     def _current(self):
         if self._it is None:
             self._it = self._make(self._stage)

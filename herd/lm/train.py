@@ -485,16 +485,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     train_source, eval_source, digest = _corpus(cfg, say)
     tokenizer = _tokenizer_for(cfg, train_source, digest, say)
 
-    seq_len = int(cfg.data.seq_len)
-    global_batch = int(cfg.data.global_batch_size)
-    local_batch = global_batch // jax.process_count()
     common = dict(
         vocab_size=model_config.vocab_size,
-        seq_len=seq_len,
-        batch_size=local_batch,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+
+    def shape(stage):  # this process's share of a stage's global batch
+        return dict(seq_len=stage.seq_len, batch_size=stage.global_batch // jax.process_count())
 
     def train_iterator(stage):
         return data_lib.make_lm_iterator(
@@ -504,11 +502,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             shuffle=True,
             num_epochs=None,
             worker_count=int(cfg.data.get("worker_count") or 0),
-            **{
-                **common,
-                "seq_len": stage.seq_len,
-                "batch_size": stage.global_batch // jax.process_count(),
-            },
+            **common,
+            **shape(stage),
         )
 
     if len(stages) > 1:
@@ -520,8 +515,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     else:
         train_iter = train_iterator(stages[0])
     n_eval = int(cfg.train.eval_batches)
-    eval_iter = data_lib.make_lm_iterator(
-        eval_source, tokenizer, seed=0, shuffle=False, num_epochs=1, **common
+    eval_iter = data_lib.make_lm_iterator(  # eval batches keep the first stage's shape
+        eval_source, tokenizer, seed=0, shuffle=False, num_epochs=1, **common, **shape(stages[0])
     )
     eval_batches = []
     for batch in eval_iter:
@@ -562,7 +557,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     say(
         f"model: {n_params / 1e6:.2f}M params, dim {model_config.dim}, "
         f"{model_config.n_layers} layers, {model_config.n_heads} heads / "
-        f"{model_config.n_kv_heads} kv heads, vocab {model_config.vocab_size}, seq {seq_len}"
+        f"{model_config.n_kv_heads} kv heads, vocab {model_config.vocab_size}, "
+        f"seq {stages[0].seq_len}"
     )
 
     def eval_fn(st):
