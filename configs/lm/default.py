@@ -3,8 +3,9 @@
 1.3M params: dim 128, 4 layers, GQA (4 query / 2 kv heads), SwiGLU 384, RoPE theta 5e5,
 document masking of packed sequences, untied output head, float32; a 2048-token
 SentencePiece BPE trained on the corpus. 450 steps of 16 x 256 tokens (1.8M tokens).
-Cost: about 0.95 CPU-seconds per step, so about five minutes on 2 quiet CPU cores with
-tokenizer training, compiling, 10 evals and the sample. Measured on a shared 2-core
+Cost: about 0.95 CPU-seconds per step, so 4-7 minutes on 2 quiet CPU cores with
+tokenizer training, compiling, 10 evals and the sample: 4 min on an AMD EPYC VM, 417 s on
+an Intel Xeon VM (a fresh venv, nothing else running). Measured on a shared 2-core
 machine (load average ~5): 8m55s wall, 447 CPU-seconds; eval loss 7.65 (uniform) ->
 6.00 (step 50) -> 5.30 (200) -> 4.82 (400) -> 4.80 (450).
 """

@@ -12,7 +12,7 @@ and caches a SentencePiece tokenizer on first use (in $HERD_CACHE or ~/.cache/he
 shows a progress bar with loss, tokens/s and MFU, evaluates on held-out stdlib files,
 checkpoints to ``--workdir`` (default ``./workdir/lm``; rerunning resumes from the last
 checkpoint, data iterator included) and ends with a short greedy sample from a code
-prompt. About five minutes on 2 CPU cores.
+prompt. 4-7 minutes on 2 CPU cores (4 on an AMD EPYC VM, 7 on an Intel Xeon one).
 
 SIGTERM (preemption) checkpoints at the next step and exits with status 143; a NaN or
 inf loss stops the run naming the step, keeping the last good checkpoint. Config errors
