@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from herd.curation import kmeans as kmeans_fn
+from herd.curation.kmeans import layout
 
 km = importlib.import_module("herd.curation.kmeans")
 
@@ -203,7 +204,21 @@ def test_kmeanspp_potential_comparable_to_sklearn():
     ratio = np.mean(ours) / np.mean(theirs)
     assert 0.85 < ratio < 1.15, (ours, theirs)
     assert np.mean(ours) < 0.8 * np.mean(rand)
-    assert 2 + int(math.log(k)) == 5  # the default number of local trials, as sklearn
+
+
+@pytest.mark.parametrize("mesh", [None, MESH8], ids=["host", "8dev"])
+def test_kmeanspp_default_local_trials_is_sklearns(mesh):
+    """With n_local_trials=None herd draws 2 + int(ln k) candidates per centre, as
+    scikit-learn's kmeans_plusplus: the same centres as the numpy greedy reference fed
+    [k, 2 + int(ln k)] draws, and not those of one trial fewer or more."""
+    x = _blobs(n=300, d=3, centers=5, seed=1).astype(np.float64)
+    k = 9  # 2 + int(ln 9) = 4
+    _, idx, _ = km.kmeans_plusplus(x, k, 7, mesh=mesh, dtype=np.float64, return_info=True)
+    ref_idx, _ = _np_kpp(x, k, km.kmeanspp_draws(7, k, 2 + int(math.log(k)), np.float64))
+    np.testing.assert_array_equal(idx, ref_idx)
+    for trials in (3, 5):
+        other, _ = _np_kpp(x, k, km.kmeanspp_draws(7, k, trials, np.float64))
+        assert not np.array_equal(idx, other)
 
 
 def test_package_exports_the_function():
@@ -222,7 +237,7 @@ def test_assign_matches_bruteforce():
 def test_host_path_matches_device_path():
     # mesh=None on a small problem runs in numpy on the host: same draws, same algorithm.
     x = _blobs(n=700, d=5, centers=8, seed=4).astype(np.float64)
-    assert km._use_host(None, x, 10)
+    assert layout._use_host(None, x, 10)
     ci, ii, pi = km.kmeans_plusplus(x, 10, 3, dtype=np.float64, return_info=True)
     cd, idd, pd = km.kmeans_plusplus(x, 10, 3, mesh=MESH8, dtype=np.float64, return_info=True)
     np.testing.assert_array_equal(ii, idd)
@@ -248,20 +263,20 @@ def test_default_tile_by_platform():
     assert km.default_tile("gpu", 100_000) == 512
     assert km.default_tile("gpu", 10**9) == 64
     mesh = km.default_mesh(jax.devices()[:1])
-    assert km._resolve_tile(None, mesh, 10**6, np.float32) == 256  # the test mesh is CPU
-    assert km._resolve_tile(128, mesh, 10, np.float32) == 128  # explicit tiles honoured
+    assert layout._resolve_tile(None, mesh, 10**6, np.float32) == 256  # the test mesh is CPU
+    assert layout._resolve_tile(128, mesh, 10, np.float32) == 128  # explicit tiles honoured
 
 
 def test_row_bucket_bounds_padding_and_shapes():
     for n in list(range(1, 300)) + [586, 1000, 4097, 20_000, 123_457]:
-        b = km._bucket(n)
+        b = layout._bucket(n)
         assert n <= b <= max(n + km.BUCKET_MAX_STEP - 1, n * 1.25 + 1)
         if n >= 512:
             assert b <= n * (1 + 1 / 32) + 1
     # 300k rows of 512: 586 tiles -> 592 (the old 2^e / 4 step gave 640)
-    assert km._row_layout(300_000, 1, 512) == (512, 592 * 512)
+    assert layout._row_layout(300_000, 1, 512) == (512, 592 * 512)
     # nearby sizes (resampling runs) share one shape
-    assert km._row_layout(77_182, 1, 512) == km._row_layout(79_221, 1, 512)
+    assert layout._row_layout(77_182, 1, 512) == layout._row_layout(79_221, 1, 512)
 
 
 def test_assigner_keeps_rows_on_device_and_matches_assign():
