@@ -1,12 +1,15 @@
 """Checkpoints: orbax CheckpointManager for the train state plus the data-iterator state.
 
-One checkpoint per step directory holds two items:
-  'state': the whole train state pytree (params, optimiser state, step, RNG), written
-           asynchronously by orbax from the (sharded) device arrays;
-  'data':  the grain iterator state (JSON, one file per process), captured synchronously
-           at save time so it matches the state exactly.
+One checkpoint per step directory holds up to three items:
+  'state':  the whole train state pytree (params, optimiser state, step, RNG, extra),
+            written asynchronously by orbax from the (sharded) device arrays;
+  'data':   the grain iterator state (JSON, one file per process), captured synchronously
+            at save time so it matches the state exactly;
+  'config': the run's config as JSON, so that generation, fine-tuning and embedding need
+            only the checkpoint directory (`read_config`).
 Restoring takes the sharded abstract state (shapes, dtypes and shardings), so each host
-reads only its shards. Orbax writes into a temporary directory and renames it when the
+reads only its shards; `restore_params` reads the params alone straight onto a mesh
+(the optimiser state is never read, and no host holds a full copy). Orbax writes into a temporary directory and renames it when the
 save is complete, so a half-written step is never listed or restored; `max_to_keep`
 deletes only older steps, never the newest complete one.
 """
@@ -16,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_like"]
+__all__ = ["Checkpointer", "abstract_like", "read_config", "restore_params"]
 
 
 @dataclasses.dataclass
@@ -59,7 +63,13 @@ class Checkpointer:
     ckpt.close()                                # waits for pending saves
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        keep: int = 3,
+        async_save: bool = True,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -67,8 +77,14 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory, options=options, item_names=("state", "data", "config")
         )
+        # JSON-able now, so that a config orbax cannot write fails here and not in a save
+        self._config = _to_json(config) if config is not None else None
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes agreed to save `step` for a preemption (jax.distributed)."""
+        return self._manager.reached_preemption(int(step))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -82,6 +98,8 @@ class Checkpointer:
         if data_iter is not None:
             snapshot = _IteratorSnapshot(json.dumps(data_iter.get_state()).encode())
             items["data"] = grain.checkpoint.CheckpointSave(snapshot)
+        if self._config is not None:
+            items["config"] = ocp.args.JsonSave(self._config)
         return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None) -> Any:
@@ -109,3 +127,64 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _to_json(config: Mapping[str, Any]) -> dict:
+    """A config (ConfigDict or mapping) as plain JSON types; tuples become lists."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config))
+
+
+def _latest(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    step = manager.latest_step() if step is None else int(step)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint step {step} in {directory} (steps: {list(manager.all_steps())})"
+        )
+    return manager, step
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+    """The config (a dict) saved with checkpoint `step` (default: the latest) in `directory`."""
+    manager, step = _latest(directory, step)
+    path = os.path.join(directory, str(step), "config")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint step {step} in {directory} holds no config")
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            "config"
+        ]
+    finally:
+        manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+    """The params alone of checkpoint `step` (default: the latest), onto their shardings.
+
+    `abstract_params` holds ShapeDtypeStructs with shardings (mesh.abstract_state of the
+    model's init, `.params`). Orbax's partial restore reads only the 'params' subtree of
+    the saved state, each host only its own shards: the optimiser state is never read
+    and no host materialises the full model.
+    """
+    manager, step = _latest(directory, step)
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return restored["state"]["params"]

@@ -13,7 +13,11 @@ point, an eval or a checkpoint, where all pending losses are checked. A non-fini
 raises NonFiniteLossError naming the first bad step; since a checkpoint is only written
 after every loss before it was checked, the last checkpoint on disk is a good one.
 SIGTERM (preemption) makes the loop save a checkpoint at the next step boundary and
-return with history['preempted'] = True.
+return with history['preempted'] = True. With several processes (jax.distributed), the
+signal may reach only some hosts: JAX's preemption sync service (which orbax's
+CheckpointManager.reached_preemption asks) picks one step that every host reaches, so
+all hosts save the same step in one collective save; a per-process signal handler could
+make one host enter the save while another waits in the next step's collectives.
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ __all__ = ["train_loop", "NonFiniteLossError", "TrainState"]
 
 @flax.struct.dataclass
 class TrainState:
-    """What a checkpoint holds: completed steps, params, optimiser state and the RNG key."""
+    """What a checkpoint holds: completed steps, params, optimiser state, the RNG key and
+    an optional `extra` collection that is not trained by the optimiser (batch statistics,
+    EMA params); `extra` is sharded, checkpointed and restored like the rest.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    extra: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,14 +59,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _SigtermFlag:
-    """Sets a flag on SIGTERM while installed (main thread only); restores the old handler."""
+    """Sets a flag on SIGTERM while installed (main thread only); restores the old handler.
+
+    Single-process runs only: under jax.distributed the preemption sync service owns
+    SIGTERM (it installs its own handler when the distributed client connects).
+    """
 
     def __init__(self):
         self.raised = False
         self._old = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -69,6 +81,17 @@ class _SigtermFlag:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
         return False
+
+
+def _reached_preemption(checkpointer, step: int) -> bool:
+    """True on every host at the same step once any host got a preemption notice.
+
+    Must be asked at every step by every process (the sync service agrees on the first
+    step after the notice that all hosts have not yet passed). One process: always False.
+    """
+    if checkpointer is None or jax.process_count() == 1:
+        return False
+    return checkpointer.reached_preemption(step)
 
 
 def _at(per_step, step: int):
@@ -200,7 +223,7 @@ def train_loop(
                     run_eval(step)
                 if checkpoint_every and step % checkpoint_every == 0 and step < num_steps:
                     save(step)
-                if sigterm.raised:
+                if sigterm.raised or _reached_preemption(checkpointer, step):
                     if progress is not None:
                         progress.write(f"SIGTERM: checkpointing step {step} and exiting")
                     save(step)

@@ -1,9 +1,13 @@
 """Device mesh from config, logical axis rules, sharded init and batch sharding.
 
 The mesh has the axes ('data', 'fsdp', 'tensor'). Models name their parameter and
-activation axes logically ('embed', 'heads', 'batch', ...); `DEFAULT_RULES` maps those
-names to mesh axes, so the same model runs replicated on one CPU, FSDP on a TPU pod, or
-FSDP x tensor-parallel on GPUs by changing three numbers in the config.
+activation axes logically ('embed', 'mlp', 'batch', ...); rules map those names to mesh
+axes, so the same model runs replicated on one CPU, FSDP on a TPU pod, or FSDP x
+tensor-parallel on GPUs by changing three numbers in the config. The core holds the
+generic names (`CORE_RULES`); each domain adds its own with `axis_rules`, e.g. the LM's
+vocab and heads, without editing the core:
+
+    LM_RULES = axis_rules(("vocab", "tensor"), ("heads", "tensor"), ...)
 
     mesh = make_mesh(cfg.mesh)               # {'data': 1, 'fsdp': -1, 'tensor': 1}
     state = init_sharded(init_fn, rng, mesh)  # never materialises full params on one host
@@ -23,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "MESH_AXES",
-    "DEFAULT_RULES",
+    "CORE_RULES",
+    "axis_rules",
     "BATCH_AXES",
     "make_mesh",
     "mesh_shape",
@@ -41,19 +46,34 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # The mesh axes a batch dimension is split over (data parallel and FSDP both split it).
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axis (or axes, or None = replicated). See INTERFACES.md.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+# Logical axis name -> mesh axis (or axes, or None = replicated), for the names every
+# domain uses: the batch is split data-parallel, the model width FSDP, the hidden width
+# of an MLP tensor-parallel; stacked layers, sequence length and norm scales replicated.
+CORE_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("head_dim", None),
     ("layers", None),
     ("length", None),
     ("norm", None),
 )
+
+
+def axis_rules(*domain_rules: tuple[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """CORE_RULES plus a domain's own (name, mesh axes) pairs.
+
+    A domain may not map a core name differently, nor one name twice: flax takes the
+    first rule that matches, so a second mapping would be silently ignored.
+    """
+    rules = dict(CORE_RULES)
+    for name, axes in domain_rules:
+        if name in rules:
+            raise ValueError(
+                f"logical axis {name!r} is already mapped to {rules[name]!r}; "
+                f"cannot map it to {axes!r} as well"
+            )
+        rules[name] = axes
+    return tuple(rules.items())
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], n_devices: int | None = None) -> dict[str, int]:
@@ -127,7 +147,7 @@ def check_global_batch(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1)
         )
 
 
-def logical_to_sharding(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def logical_to_sharding(tree: Any, mesh: Mesh, rules=CORE_RULES) -> Any:
     """Tree of logical PartitionSpecs (or boxed / abstract values) -> tree of NamedShardings.
 
     Accepts the output of `jax.eval_shape(init)` with `nn.LogicallyPartitioned` boxes, or a
@@ -137,7 +157,7 @@ def logical_to_sharding(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
-def abstract_state(init_fn: Callable, *args, mesh: Mesh, rules=DEFAULT_RULES):
+def abstract_state(init_fn: Callable, *args, mesh: Mesh, rules=CORE_RULES):
     """(unboxed abstract state with shardings, tree of NamedShardings) of `init_fn(*args)`."""
     boxed = jax.eval_shape(init_fn, *args)
     shardings = logical_to_sharding(boxed, mesh, rules)
@@ -149,7 +169,7 @@ def abstract_state(init_fn: Callable, *args, mesh: Mesh, rules=DEFAULT_RULES):
     return abstract, shardings
 
 
-def init_sharded(init_fn: Callable, rng, mesh: Mesh, rules=DEFAULT_RULES):
+def init_sharded(init_fn: Callable, rng, mesh: Mesh, rules=CORE_RULES):
     """Runs `init_fn(rng)` directly into its sharded layout; returns (state, shardings).
 
     `init_fn` may return parameters (and optimiser state built from them) boxed with

@@ -671,3 +671,57 @@ def get_or_train_tokenizer(
             "%s has vocab %d, wanted %d: retraining", model_path, tok.vocab_size, vocab_size
         )
     return train_tokenizer(texts_or_files, vocab_size, model_path, **kwargs)
+
+
+# A run's workdir keeps a copy of the tokenizer it trained with, so that generation,
+# fine-tuning and embedding need only the workdir (a cached or user-given tokenizer
+# file may since have moved or changed).
+WORKDIR_TOKENIZER_DIR = "tokenizer"
+
+
+def save_to_workdir(path: str | os.PathLike, workdir: str | os.PathLike) -> str:
+    """Copies the tokenizer file `path` into `workdir/tokenizer/`; returns the copy's path.
+
+    A workdir that already holds a different tokenizer is refused: its checkpoints were
+    trained with that one.
+    """
+    import shutil
+
+    folder = os.path.join(os.fspath(workdir), WORKDIR_TOKENIZER_DIR)
+    target = os.path.join(folder, os.path.basename(os.fspath(path)))
+    existing = [os.path.join(folder, f) for f in sorted(os.listdir(folder))] if os.path.isdir(
+        folder
+    ) else []
+    for other in existing:
+        if _file_sha256(other) == _file_sha256(path):
+            return other
+    if existing:
+        raise ValueError(
+            f"workdir {os.fspath(workdir)!r} holds the tokenizer {existing[0]!r}, which differs "
+            f"from {os.fspath(path)!r}: its checkpoints were trained with the former (use "
+            "another --workdir, or set data.tokenizer to that file)"
+        )
+    os.makedirs(folder, exist_ok=True)
+    partial = target + ".partial"
+    shutil.copyfile(path, partial)
+    os.replace(partial, target)  # a crash mid-copy never leaves a truncated tokenizer
+    return target
+
+
+def workdir_tokenizer_path(workdir: str | os.PathLike) -> str:
+    """The tokenizer file a training run kept in `workdir` (FileNotFoundError if none)."""
+    folder = os.path.join(os.fspath(workdir), WORKDIR_TOKENIZER_DIR)
+    files = sorted(f for f in os.listdir(folder) if not f.endswith(".partial")) if (
+        os.path.isdir(folder)
+    ) else []
+    if len(files) != 1:
+        raise FileNotFoundError(
+            f"{folder!r} should hold the one tokenizer file of the run (found {files}); "
+            "workdirs of herd.lm.train keep it there"
+        )
+    return os.path.join(folder, files[0])
+
+
+def load_from_workdir(workdir: str | os.PathLike, **kwargs):
+    """The tokenizer of a herd.lm.train workdir (see save_to_workdir)."""
+    return load_tokenizer(workdir_tokenizer_path(workdir), **kwargs)
