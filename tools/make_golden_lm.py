@@ -5,9 +5,11 @@ fixed seeds, their weights, input tokens/positions and float32 logits.
 
 Each file holds the HF state dict (keys prefixed ``hf/``, HF layout, float32), the
 ``tokens`` [B, T] and ``positions`` [B, T] fed to HF as ``position_ids``, the HF
-``logits`` [B, T, vocab] and ``config_json`` (the HF config). tests/lm/test_model.py
-converts the weights with ``herd.lm.model.params_from_hf`` and compares logits without
-needing torch. Needs torch + transformers (the ``peers`` extra).
+``logits`` [B, T, vocab], ``config_json`` (the HF config) and ``torch_version`` /
+``transformers_version`` (the versions that made the file, as 0-d string arrays: rerun this
+tool after upgrading either and check the diff). tests/lm/test_model.py converts the weights
+with ``herd.lm.convert.params_from_hf`` and compares logits without needing torch. Needs
+torch + transformers (the ``peers`` extra).
 """
 
 from __future__ import annotations
@@ -110,8 +112,17 @@ def state_dict_np(model):
     return sd
 
 
+def versions() -> dict[str, str]:
+    """The versions of the reference implementation, stored in every golden file."""
+    import torch
+    import transformers
+
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__}
+
+
 def main():
     os.makedirs(GOLDEN_DIR, exist_ok=True)
+    made_by = {k: np.array(v) for k, v in versions().items()}
     for case in CASES:
         model, kwargs = build_hf(case)
         tokens, positions = inputs(case)
@@ -124,9 +135,11 @@ def main():
             positions=positions,
             logits=logits.astype(np.float32),
             config_json=np.array(json.dumps(kwargs)),
+            **made_by,
             **arrays,
         )
-        print(f"{path}: {os.path.getsize(path) / 1024:.0f} KiB, logits {logits.shape}")
+        made = ", ".join(f"{k} {v}" for k, v in versions().items())
+        print(f"{path}: {os.path.getsize(path) / 1024:.0f} KiB, logits {logits.shape} ({made})")
     return 0
 
 

@@ -18,13 +18,18 @@ Parameter tree (HF-like names, so conversion is obvious)::
     output/kernel                [dim, vocab]          (embed, vocab)   untied only
 
 With ``scan_layers=False`` the layers are ``layers_0`` ... ``layers_{L-1}`` without the
-leading axis; :func:`stack_layers` / :func:`unstack_layers` convert between the two.
+leading axis; ``herd.lm.convert.stack_layers`` / ``unstack_layers`` convert between the two.
 
 RoPE uses the half-split pairing of Hugging Face checkpoints (dimension ``i`` rotates
 with ``i + head_dim/2``). Meta's original checkpoints (``consolidated.*.pth``) use the
 interleaved pairing (``2i`` with ``2i+1``): their ``wq`` / ``wk`` must be permuted with
-:func:`meta_to_hf_qk` (the same permutation as HF's ``convert_llama_weights_to_hf.py``)
-before :func:`params_from_hf`-style loading; ``wv``/``wo`` need no change.
+``herd.lm.convert.meta_to_hf_qk`` (the same permutation as HF's
+``convert_llama_weights_to_hf.py``) before ``params_from_hf``-style loading; ``wv``/``wo``
+need no change.
+
+Elsewhere: the published sizes are in ``herd.lm.presets`` (``LlamaConfig.preset(name)``
+looks them up), the chunked cross-entropy in ``herd.lm.loss``, weight layouts and HF
+conversion in ``herd.lm.convert``.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def _remat_policy(name: str):
 
 
 # ---------------------------------------------------------------------------------------
-# Config and presets
+# Config
 # ---------------------------------------------------------------------------------------
 
 
@@ -244,16 +249,20 @@ class LlamaConfig:
                     f"{rs['original_max_position_embeddings']}"
                 )
 
-    # -- presets -----------------------------------------------------------------------
+    # -- presets (the table is herd.lm.presets.PRESETS) ---------------------------------
     @classmethod
     def presets(cls) -> list[str]:
-        return list(_PRESETS)
+        from herd.lm.presets import PRESETS
+
+        return list(PRESETS)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LlamaConfig:
-        if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        from herd.lm.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count from jax.eval_shape (no memory is allocated).
@@ -271,118 +280,6 @@ class LlamaConfig:
         if not include_embeddings and not self.tie_embeddings:
             total -= self.vocab_size * self.dim
         return total
-
-
-# Meta's params.json values (multiple_of / ffn_dim_multiplier) so the FFN width is derived
-# exactly as in the reference code; tests check the derived widths against RECIPES.md.
-# optimizer_eps: 1e-5 is stated by the Llama 2 paper; LLaMA 1, Code Llama and Llama 3 do
-# not state it and the same value is used (the train config may override it).
-_L31_SCALING = {
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-_L32_SCALING = {**_L31_SCALING, "factor": 32.0}
-
-
-def _llama1(dim, layers, heads):
-    return dict(
-        dim=dim,
-        n_layers=layers,
-        n_heads=heads,
-        n_kv_heads=heads,
-        vocab_size=32000,
-        multiple_of=256,
-        norm_eps=1e-6,
-        rope_theta=1e4,
-        max_seq_len=2048,
-    )
-
-
-_L2_70B = dict(
-    dim=8192,
-    n_layers=80,
-    n_heads=64,
-    n_kv_heads=8,
-    vocab_size=32000,
-    multiple_of=4096,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=1e4,
-    max_seq_len=4096,
-)
-_L3_8B = dict(
-    dim=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=8,
-    vocab_size=128256,
-    multiple_of=1024,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=5e5,
-    max_seq_len=8192,
-)
-_L3_70B = dict(_L3_8B, dim=8192, n_layers=80, n_heads=64, multiple_of=4096)
-_L31 = dict(max_seq_len=131072, rope_scaling=_L31_SCALING)
-_CODE = dict(vocab_size=32016, rope_theta=1e6, max_seq_len=16384, norm_eps=1e-5)
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "llama1-7b": _llama1(4096, 32, 32),
-    "llama1-13b": _llama1(5120, 40, 40),
-    "llama1-33b": _llama1(6656, 60, 52),
-    "llama1-65b": _llama1(8192, 80, 64),
-    "llama2-7b": {**_llama1(4096, 32, 32), "norm_eps": 1e-5, "max_seq_len": 4096},
-    "llama2-13b": {**_llama1(5120, 40, 40), "norm_eps": 1e-5, "max_seq_len": 4096},
-    "llama2-70b": _L2_70B,
-    "code-llama-7b": {**_llama1(4096, 32, 32), **_CODE},
-    "code-llama-13b": {**_llama1(5120, 40, 40), **_CODE},
-    # 34B has no infilling tokens: vocab 32000
-    "code-llama-34b": {
-        **_llama1(8192, 48, 64),
-        **_CODE,
-        "n_kv_heads": 8,
-        "ffn_dim_multiplier": 1.0,
-        "vocab_size": 32000,
-    },
-    "code-llama-70b": {**_L2_70B, **_CODE},
-    "llama3-8b": _L3_8B,
-    "llama3-70b": _L3_70B,
-    "llama3.1-8b": {**_L3_8B, **_L31},
-    "llama3.1-70b": {**_L3_70B, **_L31},
-    "llama3.1-405b": dict(
-        _L3_8B,
-        dim=16384,
-        n_layers=126,
-        n_heads=128,
-        multiple_of=4096,
-        ffn_dim_multiplier=1.2,
-        **_L31,
-    ),
-    "llama3.2-1b": dict(
-        _L3_8B,
-        dim=2048,
-        n_layers=16,
-        n_heads=32,
-        multiple_of=256,
-        ffn_dim_multiplier=1.5,
-        max_seq_len=131072,
-        rope_scaling=_L32_SCALING,
-        tie_embeddings=True,
-    ),
-    "llama3.2-3b": dict(
-        _L3_8B,
-        dim=3072,
-        n_layers=28,
-        n_heads=24,
-        multiple_of=256,
-        ffn_dim_multiplier=1.0,
-        max_seq_len=131072,
-        rope_scaling=_L32_SCALING,
-        tie_embeddings=True,
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,7 +520,7 @@ class Llama(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Loss helpers
+# Output embedding (what herd.lm.loss.chunked_cross_entropy multiplies hidden states by)
 # ---------------------------------------------------------------------------------------
 
 
@@ -635,259 +532,3 @@ def output_embedding(params, config: LlamaConfig):
     if config.tie_embeddings:
         return params["tok_embeddings"]["embedding"].T
     return params["output"]["kernel"]
-
-
-def _chunk_logits(h, w, i, chunk, vocab):
-    wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1).astype(h.dtype)
-    logits = jnp.dot(h, wc, preferred_element_type=jnp.float32)
-    col = i * chunk + jnp.arange(chunk)
-    return jnp.where(col[None, :] < vocab, logits, -jnp.inf), col
-
-
-def _chunked_forward(h, w, t, chunk, vocab):
-    n = h.shape[0]
-    n_chunks = w.shape[1] // chunk
-
-    def body(i, carry):
-        m, s, tgt = carry
-        logits, col = _chunk_logits(h, w, i, chunk, vocab)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(axis=-1)
-        tgt = tgt + jnp.where(col[None, :] == t[:, None], logits, 0.0).sum(axis=-1)
-        return m_new, s, tgt
-
-    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
-    m, s, tgt = jax.lax.fori_loop(0, n_chunks, body, init + (jnp.zeros((n,), jnp.float32),))
-    return m + jnp.log(s), tgt
-
-
-def _make_chunked_nll(chunk: int, vocab: int):
-    @jax.custom_vjp
-    def nll(h, w, t, mask):
-        lse, tgt = _chunked_forward(h, w, t, chunk, vocab)
-        return jnp.sum((lse - tgt) * mask)
-
-    def fwd(h, w, t, mask):
-        lse, tgt = _chunked_forward(h, w, t, chunk, vocab)
-        return jnp.sum((lse - tgt) * mask), (h, w, t, mask, lse)
-
-    def bwd(res, g):
-        h, w, t, mask, lse = res
-        scale = (mask * g)[:, None]
-
-        def body(i, carry):
-            dh, dw = carry
-            logits, col = _chunk_logits(h, w, i, chunk, vocab)
-            p = jnp.exp(logits - lse[:, None])
-            dlog = ((p - (col[None, :] == t[:, None])) * scale).astype(h.dtype)
-            wc = jax.lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1).astype(h.dtype)
-            dh = dh + jnp.dot(dlog, wc.T, preferred_element_type=jnp.float32)
-            dwc = jnp.dot(h.T, dlog, preferred_element_type=jnp.float32).astype(w.dtype)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, dwc, i * chunk, axis=1)
-            return dh, dw
-
-        dh0 = jnp.zeros(h.shape, jnp.float32)
-        dh, dw = jax.lax.fori_loop(0, w.shape[1] // chunk, body, (dh0, jnp.zeros_like(w)))
-        t_ct = np.zeros(t.shape, jax.dtypes.float0)
-        return dh.astype(h.dtype), dw, t_ct, jnp.zeros_like(mask)
-
-    nll.defvjp(fwd, bwd)
-    return nll
-
-
-@jax.custom_vjp
-def _full_nll(logits, t, mask):
-    """sum(mask * (logsumexp(logits) - logits[t])) over rows of [N, vocab] float32 logits.
-
-    Its own backward, (softmax - onehot(t)) * mask in one elementwise pass, replaces
-    autodiff's scatter of the target-logit gradient into an [N, vocab] zero array
-    (measured on the 30M bench shape: head + loss fwd+bwd 644 -> 599 ms)."""
-    return _full_nll_fwd(logits, t, mask)[0]
-
-
-def _full_nll_fwd(logits, t, mask):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return jnp.sum((lse - tgt) * mask), (logits, lse, t, mask)
-
-
-def _full_nll_bwd(res, g):
-    logits, lse, t, mask = res
-    onehot = jnp.arange(logits.shape[1], dtype=t.dtype)[None, :] == t[:, None]
-    dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * (mask * g)[:, None]
-    return dlogits, np.zeros(t.shape, jax.dtypes.float0), jnp.zeros_like(mask)
-
-
-_full_nll.defvjp(_full_nll_fwd, _full_nll_bwd)
-
-
-def chunked_cross_entropy(hidden, out_embedding, targets, loss_mask, chunk_size=None):
-    """Summed next-token NLL and token count, without [B, T, vocab] logits.
-
-    hidden [B, T, dim] (compute dtype), out_embedding [dim, vocab], targets int [B, T],
-    loss_mask [B, T] (1 = counted). The vocabulary is processed ``chunk_size`` columns at a
-    time with an online log-sum-exp; the backward pass recomputes each chunk's logits
-    (custom VJP), so memory is O(B*T*chunk). Logits are float32.
-    ``chunk_size=None`` or ``>= vocab``: one plain full-logits cross-entropy.
-    Returns (sum_nll float32 scalar, n_tokens float32 scalar).
-    """
-    d = hidden.shape[-1]
-    vocab = out_embedding.shape[1]
-    h = hidden.reshape(-1, d)
-    t = targets.reshape(-1).astype(jnp.int32)
-    mask = loss_mask.reshape(-1).astype(jnp.float32)
-    n_tokens = jnp.sum(mask)
-    if chunk_size is None or chunk_size >= vocab:
-        logits = jnp.dot(h, out_embedding.astype(h.dtype), preferred_element_type=jnp.float32)
-        return _full_nll(logits, t, mask), n_tokens
-    pad = (-vocab) % chunk_size
-    w = jnp.pad(out_embedding, ((0, 0), (0, pad))) if pad else out_embedding
-    nll = _make_chunked_nll(int(chunk_size), int(vocab))(h, w, t, mask)
-    return nll, n_tokens
-
-
-# ---------------------------------------------------------------------------------------
-# Layouts and conversion
-# ---------------------------------------------------------------------------------------
-
-
-def _layer_keys(params):
-    keys = [k for k in params if k.startswith("layers_")]
-    return sorted(keys, key=lambda k: int(k.split("_")[1]))
-
-
-def stack_layers(params):
-    """Unscanned params ('layers_0'.. 'layers_{L-1}') -> scanned ('layers', leading axis).
-
-    Works on the params dict or on {'params': ...}; other entries are kept as they are.
-    """
-    if "params" in params and "tok_embeddings" not in params:
-        return {**params, "params": stack_layers(params["params"])}
-    keys = _layer_keys(params)
-    if not keys:
-        raise ValueError("no 'layers_<i>' entries to stack")
-    out = {k: v for k, v in params.items() if k not in keys}
-    out["layers"] = jax.tree_util.tree_map(
-        lambda *xs: jnp.stack(xs), *[nn.meta.unbox(params[k]) for k in keys]
-    )
-    return out
-
-
-def unstack_layers(params):
-    """Scanned params ('layers' with a leading layer axis) -> 'layers_0'.. 'layers_{L-1}'."""
-    if "params" in params and "tok_embeddings" not in params:
-        return {**params, "params": unstack_layers(params["params"])}
-    if "layers" not in params:
-        raise ValueError("no 'layers' entry to unstack")
-    stacked = nn.meta.unbox(params["layers"])
-    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-    return out
-
-
-def meta_to_hf_qk(w, n_heads):
-    """Permute a Meta wq/wk weight [n_heads*head_dim, dim] (interleaved RoPE pairing) to the
-    HF half-split pairing (the permutation of HF's convert_llama_weights_to_hf.py)."""
-    w = np.asarray(w)
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.reshape(n_heads, hd // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
-
-
-def config_from_hf(hf_config, **overrides) -> LlamaConfig:
-    """LlamaConfig from a transformers LlamaConfig (or its to_dict())."""
-    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
-    rope = d.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", d.get("rope_theta", 1e4))
-    scaling = None
-    old_scaling = d.get("rope_scaling") or {}
-    src = rope if rope.get("rope_type") == "llama3" else old_scaling
-    if src.get("rope_type", src.get("type")) == "llama3":
-        scaling = {k: src[k] for k in _ROPE_SCALING_KEYS}
-    hd = d.get("head_dim")
-    if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
-        raise ValueError(f"head_dim={hd} != hidden_size / num_attention_heads: not supported")
-    kw = dict(
-        dim=d["hidden_size"],
-        n_layers=d["num_hidden_layers"],
-        n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        vocab_size=d["vocab_size"],
-        ffn_dim=d["intermediate_size"],
-        norm_eps=d["rms_norm_eps"],
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=d["max_position_embeddings"],
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-    )
-    return LlamaConfig(**{**kw, **overrides})
-
-
-def params_from_hf(state_dict, config: LlamaConfig):
-    """HF LlamaForCausalLM state dict (name -> array, torch tensors or numpy) -> herd
-    params (numpy float32, scanned or unscanned per config.scan_layers)."""
-
-    def get(name):
-        x = state_dict[name]
-        if hasattr(x, "detach"):
-            x = x.detach().float().cpu().numpy()
-        return np.asarray(x, np.float32)
-
-    c = config
-    d, h, kv, hd = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-    p = {"tok_embeddings": {"embedding": get("model.embed_tokens.weight")}}
-    for i in range(c.n_layers):
-        pre = f"model.layers.{i}."
-        p[f"layers_{i}"] = {
-            "attention": {
-                "wq": get(pre + "self_attn.q_proj.weight").T.reshape(d, h, hd),
-                "wk": get(pre + "self_attn.k_proj.weight").T.reshape(d, kv, hd),
-                "wv": get(pre + "self_attn.v_proj.weight").T.reshape(d, kv, hd),
-                "wo": get(pre + "self_attn.o_proj.weight").T.reshape(h, hd, d),
-            },
-            "feed_forward": {
-                "w1": get(pre + "mlp.gate_proj.weight").T,
-                "w3": get(pre + "mlp.up_proj.weight").T,
-                "w2": get(pre + "mlp.down_proj.weight").T,
-            },
-            "attention_norm": {"scale": get(pre + "input_layernorm.weight")},
-            "ffn_norm": {"scale": get(pre + "post_attention_layernorm.weight")},
-        }
-    p["norm"] = {"scale": get("model.norm.weight")}
-    if not c.tie_embeddings:
-        p["output"] = {"kernel": get("lm_head.weight").T}
-    if c.scan_layers:
-        p = stack_layers(p)
-        p["layers"] = jax.tree_util.tree_map(np.asarray, p["layers"])
-    return p
-
-
-def params_to_hf(params, config: LlamaConfig):
-    """herd params (scanned or not) -> HF LlamaForCausalLM state dict of numpy arrays."""
-    p = nn.meta.unbox(params)
-    if "layers" in p:
-        p = unstack_layers(p)
-    c = config
-    d = c.dim
-    a = lambda x: np.asarray(x, np.float32)
-    sd = {"model.embed_tokens.weight": a(p["tok_embeddings"]["embedding"])}
-    for i in range(c.n_layers):
-        pre, lp = f"model.layers.{i}.", p[f"layers_{i}"]
-        at, ff = lp["attention"], lp["feed_forward"]
-        sd[pre + "self_attn.q_proj.weight"] = a(at["wq"]).reshape(d, -1).T
-        sd[pre + "self_attn.k_proj.weight"] = a(at["wk"]).reshape(d, -1).T
-        sd[pre + "self_attn.v_proj.weight"] = a(at["wv"]).reshape(d, -1).T
-        sd[pre + "self_attn.o_proj.weight"] = a(at["wo"]).reshape(-1, d).T
-        sd[pre + "mlp.gate_proj.weight"] = a(ff["w1"]).T
-        sd[pre + "mlp.up_proj.weight"] = a(ff["w3"]).T
-        sd[pre + "mlp.down_proj.weight"] = a(ff["w2"]).T
-        sd[pre + "input_layernorm.weight"] = a(lp["attention_norm"]["scale"])
-        sd[pre + "post_attention_layernorm.weight"] = a(lp["ffn_norm"]["scale"])
-    sd["model.norm.weight"] = a(p["norm"]["scale"])
-    if c.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    else:
-        sd["lm_head.weight"] = a(p["output"]["kernel"]).T
-    return sd

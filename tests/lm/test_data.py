@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from herd.core import data as cd
 from herd.lm import data as dl
 from herd.lm import tokenizer as tl
 
@@ -299,7 +300,7 @@ def test_jsonl_corrupt_records_are_counted(tmp_path, caplog):
         json.dumps([1, 2]).encode(),
     ]
     p.write_bytes(b"\n".join(lines) + b"\r\n")
-    with caplog.at_level(logging.WARNING, logger="herd.lm.data"):
+    with caplog.at_level(logging.WARNING, logger="herd.core.data"):
         it = dl.make_lm_iterator(
             f"jsonl:{tmp_path}/*.jsonl", TOK, seq_len=64, batch_size=1, seed=0,
             shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
@@ -414,7 +415,7 @@ def test_tfds_source_adapter_with_fake_data_source():
         calls.update(name=name, split=split, download=download, **kw)
         return [{"text": b"tfds one", "id": 0}, {"text": "tfds two"}, {"label": 3}]
 
-    src = dl.TfdsSource("my_corpus", "validation", data_source_fn=fake_data_source)
+    src = cd.TfdsSource("my_corpus", "validation", data_source_fn=fake_data_source)
     assert calls == {"name": "my_corpus", "split": "validation", "download": False}
     it = dl.make_lm_iterator(
         src, TOK, seq_len=32, batch_size=1, seed=0, shuffle=False, num_epochs=1,
@@ -423,32 +424,6 @@ def test_tfds_source_adapter_with_fake_data_source():
     texts = [TOK.decode(i) for b in it for i, _, _ in pieces([b])]
     assert texts == ["tfds one", "tfds two"]
     assert it.counters["skipped_missing_field"] == 1
-
-
-def test_source_spec_parsing(tmp_path, monkeypatch):
-    seen = {}
-
-    class FakeTfds:
-        def __init__(self, name, split, field, data_dir=None):
-            seen.update(name=name, split=split, field=field)
-            self.name = "fake"
-
-        def __len__(self):
-            return 1
-
-    monkeypatch.setattr(dl, "TfdsSource", FakeTfds)
-    dl.make_source("tfds:c4/en:3.0.1:validation:content")
-    assert seen == {"name": "c4/en:3.0.1", "split": "validation", "field": "content"}
-    dl.make_source("tfds:wikitext")
-    assert seen == {"name": "wikitext", "split": "train", "field": "text"}
-    p = tmp_path / "x.jsonl"
-    p.write_text('{"a": "b"}\n')
-    assert dl.make_source(str(p)).field == "text"
-    assert dl.make_source(f"jsonl:{p}:a").field == "a"
-    t = tmp_path / "x.txt"
-    t.write_text("hello")
-    assert isinstance(dl.make_source(f"text:{t}"), dl.TextFileSource)
-    assert isinstance(dl.make_source(str(t)), dl.TextFileSource)
 
 
 def test_real_sentencepiece_on_stdlib(tmp_path):
@@ -551,12 +526,12 @@ def test_batch_stages_llama3_405b_ramp():
         (342162, 2048, 8192),
     ]
     assert [s.tokens_per_step for s in stages] == [4 * 2**20, 8 * 2**20, 16 * 2**20]
-    assert dl.stage_at(stages, 60).seq_len == 4096 and dl.stage_at(stages, 61).seq_len == 8192
+    assert cd.stage_at(stages, 60).seq_len == 4096 and cd.stage_at(stages, 61).seq_len == 8192
     # a small ramp against step-by-step token counting, boundaries and budget included
     ramp = "100:4x8,150:2x4,1000:8x16"
     stages = dl.batch_stages(ramp, 2, 16)
     shapes, _ = _brute_force_starts(ramp, 2, 16, 40)
-    assert [(dl.stage_at(stages, i).global_batch, dl.stage_at(stages, i).seq_len)
+    assert [(cd.stage_at(stages, i).global_batch, cd.stage_at(stages, i).seq_len)
             for i in range(40)] == shapes  # fmt: skip
     for budget in (1, 32, 100, 150, 999, 1000, 3000):
         n = dl.steps_for_tokens(stages, budget)
