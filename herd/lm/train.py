@@ -14,7 +14,8 @@ checkpoints to ``--workdir`` (default ``./workdir/lm``; rerunning resumes from t
 checkpoint, data iterator included) and ends with a short greedy sample from a code
 prompt. 4-7 minutes on 2 CPU cores (4 on an AMD EPYC VM, 7 on an Intel Xeon one).
 
-SIGTERM (preemption) checkpoints at the next step and exits with status 143; a NaN or
+SIGTERM (preemption) checkpoints at the next step and exits with status 0 (with several
+processes, all of them save the same step; rerunning the same command resumes); a NaN or
 inf loss stops the run naming the step, keeping the last good checkpoint. Config errors
 (heads vs kv heads, mesh vs device count, batch vs data-parallel size, seq_len vs
 max_seq_len, unknown preset, missing corpus, tokenizer larger than the vocabulary) are
@@ -39,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import time
 import types
 from collections.abc import Sequence
@@ -50,21 +50,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from herd.core import mesh as mesh_lib
-from herd.core.checkpoint import Checkpointer
+from herd.core import step as step_lib
+from herd.core.checkpoint import Checkpointer, read_config
 from herd.core.config import run_entry
 from herd.core.loop import TrainState, train_loop
 from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
-from herd.core.optim import accumulate_gradients, make_optimizer
+from herd.core.optim import make_optimizer
 from herd.lm import data as data_lib
 from herd.lm import tokenizer as tok_lib
 from herd.lm.attention import check_attention_config
-from herd.lm.model import Llama, LlamaConfig, chunked_cross_entropy, output_embedding
+from herd.lm.loss import chunked_cross_entropy
+from herd.lm.model import Llama, output_embedding
+from herd.lm.presets import build_model_config
+from herd.lm.sharding import LM_RULES
 
 __all__ = [
-    "build_model_config",
     "validate_config",
     "flops_per_token",
     "make_init_fn",
@@ -83,19 +85,46 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 # ----------------------------------------------------------------------------- config
 
 
-def build_model_config(model_cfg: ml_collections.ConfigDict | dict):
-    """`cfg.model` -> LlamaConfig: a preset plus the fields set (not None), or all fields.
+# What the weights of a checkpoint mean; the rest (compute dtype, remat policy, attention
+# backend, max_seq_len) may change between a run and its resume.
+WEIGHT_DEFINING_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "hidden_dim",
+    "tie_embeddings",
+    "param_dtype",
+    "scan_layers",
+    "norm_eps",
+    "rope_theta",
+    "rope_scaling",
+)
 
-    LlamaConfig validates itself (heads divisible by kv heads, dim by heads, ...) and an
-    unknown preset raises listing the valid ones.
-    """
-    fields = {k: v for k, v in dict(model_cfg).items() if v is not None}
-    if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
-        fields["rope_scaling"] = dict(fields["rope_scaling"])
-    preset = fields.pop("preset", None)
-    if preset:
-        return LlamaConfig.preset(preset, **fields)
-    return LlamaConfig(**fields)
+
+def check_checkpoint_model(checkpoint_dir: str, model_config) -> None:
+    """Raises ValueError, naming the file, when the latest checkpoint in `checkpoint_dir`
+    was trained with another model than `model_config` (a resume would fail in orbax
+    with a shape error, or worse, load weights into a model of another meaning)."""
+    try:
+        stored = read_config(checkpoint_dir)
+    except FileNotFoundError:  # checkpoints written before configs were stored with them
+        return
+    theirs = build_model_config(stored["model"])
+    diff = {
+        k: (getattr(theirs, k), getattr(model_config, k))
+        for k in WEIGHT_DEFINING_FIELDS
+        if getattr(theirs, k) != getattr(model_config, k)
+    }
+    if diff:
+        step = max(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"the checkpoint {os.path.join(checkpoint_dir, str(step), 'config')} was trained "
+            f"with another model than the config asks for ({changes}); use another "
+            "--workdir, or the checkpoint's own model settings"
+        )
 
 
 def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
@@ -192,35 +221,23 @@ def hidden_states(model, params, batch):
 
 
 def _loss_fn(model, vocab_chunk: int):
+    """The core step contract for next-token prediction: (sum of NLL, tokens, no aux)."""
     chunk = vocab_chunk or model.config.vocab_size
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, rng, extra):
+        del rng, extra  # no dropout in the Llama recipe; no non-trained state
         hidden = hidden_states(model, params, batch)
         out_embedding = output_embedding(params, model.config)
-        return chunked_cross_entropy(
+        sum_nll, n_tokens = chunked_cross_entropy(
             hidden, out_embedding, batch["targets"], batch["loss_mask"], chunk
         )
+        return sum_nll, n_tokens, {}
 
     return loss_fn
 
 
-class _MeshCall:
-    """Calls a jitted function with the mesh and the logical axis rules in context.
-
-    The contexts matter at trace time: they turn the model's logical constraints into
-    sharding constraints on this mesh.
-    """
-
-    def __init__(self, fn, mesh, rules):
-        self.fn, self.mesh, self.rules = fn, mesh, list(rules)
-
-    def __call__(self, *args):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.fn(*args)
-
-    def lower(self, *args):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.fn.lower(*args)
+def _batch_shardings(mesh):
+    return {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
 
 
 def make_train_step(
@@ -229,53 +246,45 @@ def make_train_step(
     *,
     mesh,
     state_shardings,
-    rules=mesh_lib.DEFAULT_RULES,
+    rules=LM_RULES,
     grad_accum_steps: int = 1,
     vocab_chunk: int = 0,
 ):
-    """The jitted train step `(state, batch) -> (state, metrics)`.
+    """The jitted train step `(state, batch) -> (state, metrics)` (herd.core.step).
 
-    Jitted once with explicit in/out shardings and the state donated. The loss is the
-    token-weighted mean next-token cross-entropy (chunked over the vocabulary when
-    `vocab_chunk` is set, so [B, T, V] logits are never built), masked by `loss_mask`;
-    with `grad_accum_steps > 1` the batch is split into microbatches whose summed losses
-    and gradients are divided once by the total token count (same result as one batch).
-    metrics: loss, grad_norm (before clipping), tokens.
+    The loss is the token-weighted mean next-token cross-entropy (chunked over the
+    vocabulary when `vocab_chunk` is set, so [B, T, V] logits are never built), masked by
+    `loss_mask`; with `grad_accum_steps > 1` the batch is split into microbatches whose
+    summed losses and gradients are divided once by the total token count (same result
+    as one batch). metrics: loss, grad_norm (before clipping), tokens.
     """
-    loss_fn = _loss_fn(model, vocab_chunk)
-
-    def constrain(x):
-        spec = PartitionSpec(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    def step(state: TrainState, batch):
-        loss, grads, n_tokens = accumulate_gradients(
-            loss_fn, state.params, batch, grad_accum_steps, constrain
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens}
-        return new_state, metrics
-
-    batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
-    rep = mesh_lib.replicated(mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, {"loss": rep, "grad_norm": rep, "tokens": rep}),
-        donate_argnums=(0,),
+    return step_lib.make_train_step(
+        _loss_fn(model, vocab_chunk),
+        optimizer,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        batch_shardings=_batch_shardings(mesh),
+        rules=rules,
+        grad_accum_steps=grad_accum_steps,
+        weight_name="tokens",
     )
-    return _MeshCall(jitted, mesh, rules)
 
 
-def make_eval_step(model, *, mesh, param_shardings, rules=mesh_lib.DEFAULT_RULES, vocab_chunk=0):
+def make_eval_step(model, *, mesh, param_shardings, rules=LM_RULES, vocab_chunk=0):
     """Jitted `(params, batch) -> (sum_nll, n_tokens)`; average over batches by tokens."""
-    loss_fn = _loss_fn(model, vocab_chunk)
-    batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
-    rep = mesh_lib.replicated(mesh)
-    jitted = jax.jit(loss_fn, in_shardings=(param_shardings, batch_sh), out_shardings=(rep, rep))
-    return _MeshCall(jitted, mesh, rules)
+    evaluate = step_lib.make_eval_step(
+        _loss_fn(model, vocab_chunk),
+        mesh=mesh,
+        param_shardings=param_shardings,
+        batch_shardings=_batch_shardings(mesh),
+        rules=rules,
+    )
+
+    def eval_step(params, batch):
+        sum_nll, n_tokens, _ = evaluate(params, batch, None)
+        return sum_nll, n_tokens
+
+    return eval_step
 
 
 @functools.lru_cache(maxsize=4)
@@ -339,14 +348,19 @@ def _sample_texts(src, n: int) -> list[str]:
     return texts
 
 
-def _tokenizer_for(cfg, train_source, corpus_hash: str, say):
-    """The configured tokenizer file, or a SentencePiece BPE trained on the corpus (cached)."""
+def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str):
+    """(tokenizer, its file): the configured file, else the one the workdir's run kept,
+    else a SentencePiece BPE trained on the corpus (cached in $HERD_CACHE)."""
 
     vocab = int(cfg.model.vocab_size) if cfg.model.get("vocab_size") else None
     path = cfg.data.get("tokenizer") or ""
     if path:
         if not os.path.exists(path):
             raise ValueError(f"data.tokenizer {path!r} does not exist")
+        tok = tok_lib.load_tokenizer(path)
+    elif os.path.isdir(os.path.join(workdir, tok_lib.WORKDIR_TOKENIZER_DIR)):
+        path = tok_lib.workdir_tokenizer_path(workdir)
+        say(f"tokenizer: the run's own {path}")
         tok = tok_lib.load_tokenizer(path)
     else:
         if not vocab:
@@ -375,7 +389,7 @@ def _tokenizer_for(cfg, train_source, corpus_hash: str, say):
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}: "
             f"token ids up to {tok.vocab_size - 1} would be outside the vocabulary"
         )
-    return tok
+    return tok, path or model_path
 
 
 def _corpus(cfg, say):
@@ -424,7 +438,7 @@ def _build(model_config, optim_items, steps, mesh, grad_accum_steps, vocab_chunk
 
     model = Llama(model_config)
     optimizer, schedule = make_optimizer(dict(optim_items), steps)
-    rules = mesh_lib.DEFAULT_RULES
+    rules = LM_RULES
     init_fn = make_init_fn(model, optimizer)
     abstract, shardings = mesh_lib.abstract_state(
         init_fn, jax.random.key_data(jax.random.key(0)), mesh=mesh, rules=rules
@@ -483,7 +497,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     say(f"workdir: {workdir}")
     say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
     train_source, eval_source, digest = _corpus(cfg, say)
-    tokenizer = _tokenizer_for(cfg, train_source, digest, say)
+    tokenizer, tokenizer_file = _tokenizer_for(cfg, train_source, digest, say, workdir)
 
     common = dict(
         vocab_size=model_config.vocab_size,
@@ -542,17 +556,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     )
     model, schedule, abstract = built.model, built.schedule, built.abstract
     train_step, eval_step = built.train_step, built.eval_step
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        ckpt_dir,
         keep=int(cfg.train.keep_checkpoints),
         async_save=bool(cfg.train.get("async_checkpoints", True)),
+        config=cfg,
     )
-    start = ckpt.latest_step()
-    if start is not None:
-        say(f"resuming from checkpoint step {start}")
-        state = ckpt.restore(abstract, train_iter)
-    else:
-        state = built.init(jax.random.key_data(jax.random.key(int(cfg.train.seed))))
+    if ckpt.latest_step() is not None:
+        check_checkpoint_model(ckpt_dir, model_config)
+    if jax.process_index() == 0:
+        tok_lib.save_to_workdir(tokenizer_file, workdir)
+    state, start = step_lib.init_or_restore(
+        ckpt,
+        built.init,
+        abstract,
+        jax.random.key_data(jax.random.key(int(cfg.train.seed))),
+        train_iter,
+        say,
+    )
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     say(
         f"model: {n_params / 1e6:.2f}M params, dim {model_config.dim}, "
@@ -651,13 +673,8 @@ DEFAULT_WORKDIR = os.path.join(".", "workdir", "lm")
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m herd.lm.train [--config=path.py[:arg]] [--config.k=v] [--workdir=DIR]`."""
 
-    def run_and_exit_on_preemption(cfg, workdir):
-        if run(cfg, workdir)["preempted"]:
-            # SIGTERM: the state is checkpointed; rerunning the same command resumes.
-            sys.exit(143)
-
     run_entry(
-        run_and_exit_on_preemption,
+        run,
         DEFAULT_CONFIG,
         DEFAULT_WORKDIR,
         "Checkpoints, metrics and logs go here.",

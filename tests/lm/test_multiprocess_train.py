@@ -1,6 +1,7 @@
 """herd.lm.train across two jax.distributed processes on localhost (gloo collectives, two
 CPU devices each): both processes see the same global loss, the eval loss falls, and a
-run stopped and resumed from its checkpoint equals the uninterrupted run exactly."""
+run preempted by a SIGTERM to ONE of its processes saves the same step on both, exits
+cleanly, and resumed equals the uninterrupted run exactly."""
 
 import json
 import os
@@ -30,9 +31,15 @@ def test_two_process_training_agrees_and_resumes_exactly(tmp_path):
     assert full[0]["eval"]["4"] < full[0]["eval"]["0"] - 0.1
     assert "4" in os.listdir(tmp_path / "full" / "checkpoints")
 
-    half = _run(tmp_path / "split", tmp_path / "half", "train.stop_after=2")
-    assert half[0]["final_step"] == 2
-    rest = _run(tmp_path / "split", tmp_path / "rest")  # resumes at step 2 on both
+    # process 1 alone gets a SIGTERM as it reads its 2nd batch; both processes agree on
+    # the step to save (JAX's preemption sync), save it together and return
+    half = _run(tmp_path / "split", tmp_path / "half", "sigterm=1:2")
+    assert half[0]["preempted"] and half[1]["preempted"]
+    stop = half[0]["final_step"]
+    assert half[1]["final_step"] == stop and 1 <= stop < 4
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "split" / "checkpoints") if d.isdigit())
+    assert steps == [stop]
+    rest = _run(tmp_path / "split", tmp_path / "rest")  # resumes at that step on both
     assert rest[0] == rest[1]
     assert {**half[0]["loss"], **rest[0]["loss"]} == full[0]["loss"]
     assert rest[0]["params_sum"] == full[0]["params_sum"]

@@ -19,6 +19,8 @@ from herd.core.optim import make_optimizer
 from herd.lm import data as data_lib
 from herd.lm import train
 from herd.lm.model import Llama, LlamaConfig
+from herd.lm.presets import build_model_config
+from herd.lm.sharding import LM_RULES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +56,7 @@ def test_every_config_file_builds():
     assert len(names) >= 20
     for name in names:
         cfg = load_config(f"configs/lm/{name}.py")
-        mc = train.build_model_config(cfg.model)
+        mc = build_model_config(cfg.model)
         assert cfg.data.seq_len <= mc.max_seq_len, name
         if cfg.model.preset:
             assert cfg.model.dtype == "bfloat16"
@@ -71,7 +73,7 @@ def test_every_config_file_builds():
     assert [s.seq_len for s in stages] == [4096, 8192, 8192]
     assert big.train.steps == 1_200_000
     assert big.train.stop_after == data_lib.steps_for_tokens(stages, 15.6e12) == 1_100_929
-    default = train.build_model_config(load_config("configs/lm/default.py").model)
+    default = build_model_config(load_config("configs/lm/default.py").model)
     assert default.rope_theta == 5e5 and default.n_kv_heads < default.n_heads
 
 
@@ -145,11 +147,17 @@ def _batch(rng, b, t, vocab):
 
 def _loss_and_grads(mesh, model, tx, batch, with_step):
     init_fn = train.make_init_fn(model, tx)
-    state, shardings = mesh_lib.init_sharded(init_fn, jax.random.key_data(jax.random.key(1)), mesh)
-    loss_fn = train._loss_fn(model, vocab_chunk=48)
+    state, shardings = mesh_lib.init_sharded(
+        init_fn, jax.random.key_data(jax.random.key(1)), mesh, rules=LM_RULES
+    )
+    contract_loss = train._loss_fn(model, vocab_chunk=48)
+
+    def loss_fn(params, batch):  # (sum of NLL, tokens) of the core step contract
+        return contract_loss(params, batch, None, None)[:2]
+
     bsh = {k: mesh_lib.batch_sharding(mesh) for k in batch}
     gfn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(shardings.params, bsh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.DEFAULT_RULES)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(LM_RULES)):
         (s, n), g = gfn(state.params, mesh_lib.shard_batch(batch, mesh))
     if not with_step:
         return state, float(s / n), g, None, None
@@ -192,7 +200,7 @@ def test_sharded_equals_single_device(capfd):
     ref = optax.apply_updates(st1.params, updates)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(s8.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    # and the params are sharded as DEFAULT_RULES say
+    # and the params are sharded as LM_RULES say
     p = s8.params
     assert p["layers"]["attention"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert p["layers"]["attention"]["wo"].sharding.spec == P(None, "tensor", None, "fsdp")
