@@ -18,13 +18,21 @@ computes embeddings of ``embed.documents`` with a herd Llama, then writes into
                               (points at level 0; -1 for excluded non-finite rows)
   excluded_indices.npy        rows excluded because they hold NaN/inf
   tree/                       the ClusterTree (each finished level saved; a rerun resumes)
-  summary.json                counts, sizes, timings, label statistics
+  summary.json                counts, sizes, timings, resampling rounds run, balance of
+                              the selection over the top-level clusters, label statistics
   cluster_sizes.png           cluster-size distribution per level
   label_histograms.png        label frequencies before/after (when ``input.labels`` is set)
 
-Bad input fails early with one sentence naming the value: a non-2-D or non-floating
-array, k larger than the number of items at a level, a target larger than the pool. Rows
-with NaN/inf are excluded and counted (in the log and in summary.json).
+Bad input fails early with one sentence naming the value, before any output is written: a
+non-2-D or non-floating array, k larger than the number of items at a level, a target
+larger than the pool, bad labels, a workdir whose tree was made from other input or with
+other arguments (a rerun resumes the tree only when the input's path, size, mtime and a
+hash of sampled rows match; see herd.curation.hierarchical.input_identity). Rows with
+NaN/inf are excluded and counted (in the log and in summary.json).
+
+Resampling is counted as herd's ``hierarchy.resampling_steps``: the k-means runs of a
+level, the first included; the paper's m (Vo et al. 2024, Alg. 1) counts the rounds after
+it. The log and summary.json give the rounds that ran per level.
 """
 
 from __future__ import annotations
@@ -72,8 +80,22 @@ def nonfinite_rows(x, chunk_rows: int = SCAN_ROWS) -> np.ndarray:
     return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
 
 
+def _ints(value, name: str) -> list[int]:
+    """A list or tuple of ints (one int also accepted), else one ValueError sentence."""
+    try:
+        if isinstance(value, str):
+            raise TypeError
+        return [int(value)] if np.isscalar(value) else [int(t) for t in value]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"hierarchy.{name} must be an int or a list/tuple of ints, got {value!r}"
+        ) from None
+
+
 def _per_level(value, n_levels: int, name: str) -> list[int]:
-    v = [int(value)] * n_levels if np.isscalar(value) else [int(t) for t in value]
+    v = _ints(value, name)
+    if np.isscalar(value):
+        v = v * n_levels
     if len(v) != n_levels:
         raise ValueError(f"hierarchy.{name} has {len(v)} entries for {n_levels} levels")
     if min(v) < 1:
@@ -85,7 +107,7 @@ def check_hierarchy(h, n_valid: int | None = None) -> dict:
     """Validates cfg.hierarchy; with n_valid also checks k against the items per level.
 
     Returns the normalised arguments of hierarchical_kmeans."""
-    ks = [int(k) for k in h.ks]
+    ks = _ints(h.ks, "ks")
     if not ks or min(ks) < 1:
         raise ValueError(f"hierarchy.ks must be positive cluster counts, got {list(h.ks)}")
     n = len(ks)
@@ -100,7 +122,7 @@ def check_hierarchy(h, n_valid: int | None = None) -> dict:
     split = int(h.get("split_first") or 0) or None
     if split is not None and ks[0] % split:
         raise ValueError(f"hierarchy.split_first={split} does not divide ks[0]={ks[0]}")
-    if int(h.n_iters) < 0:
+    if _ints(h.n_iters, "n_iters")[0] < 0:
         raise ValueError(f"hierarchy.n_iters must be >= 0, got {h.n_iters}")
     if n_valid is not None and ks[0] > n_valid:
         raise ValueError(
@@ -159,15 +181,11 @@ def _load_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
             raise ValueError(f"input.synthetic must be '' or 'long_tail', got {synthetic!r}")
         from herd.curation.experiments import make_long_tailed_mixture
 
+        # In memory until every check passed (curate then writes it with _save_synthetic).
         x, labels = make_long_tailed_mixture(seed=int(cfg.seed), **dict(inp.synthetic_kw))
-        out = os.path.join(workdir, "embeddings.npy")
-        np.save(out, x)
-        np.save(os.path.join(workdir, "labels.npy"), labels)
-        say(f"synthetic long-tailed mixture: {x.shape} -> {out}")
-        return np.load(out, mmap_mode="r"), dict(
-            source="synthetic:long_tail", labels=os.path.join(workdir, "labels.npy")
-        )
+        return x, dict(source="synthetic:long_tail", synthetic_labels=labels)
     if cfg.embed.get("documents"):
+        os.makedirs(workdir, exist_ok=True)  # the embeddings are written there
         return _compute_embeddings(cfg, workdir, say)
     raise ValueError(
         "nothing to curate: set input.embeddings to an .npy file, input.synthetic to "
@@ -175,12 +193,51 @@ def _load_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     )
 
 
+def _save_if_changed(path: str, arr: np.ndarray) -> bool:
+    """Writes arr to path unless the file already holds exactly it (a rerun keeps the
+    file's mtime, which the cluster tree's resume check compares). True if written."""
+    if os.path.exists(path):
+        try:
+            old = np.load(path, mmap_mode="r")
+            if old.shape == arr.shape and old.dtype == arr.dtype and np.array_equal(old, arr):
+                return False
+        except ValueError:
+            pass
+    np.save(path, arr)
+    return True
+
+
+def _save_synthetic(x, labels, workdir: str, say) -> tuple[np.ndarray, str]:
+    """Writes the synthetic mixture into workdir; returns (its memmap, the labels path)."""
+    out = os.path.join(workdir, "embeddings.npy")
+    lab = os.path.join(workdir, "labels.npy")
+    _save_if_changed(out, x)
+    _save_if_changed(lab, labels)
+    say(f"synthetic long-tailed mixture: {x.shape} -> {out}")
+    return np.load(out, mmap_mode="r"), lab
+
+
+def _load_labels(path: str, n: int) -> np.ndarray:
+    if not os.path.exists(path):
+        raise ValueError(f"input.labels {path!r} does not exist")
+    try:
+        labels = np.load(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"input.labels {path!r} is not a plain .npy array ({e})") from None
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels {path!r} must be an integer array of shape ({n},), got "
+            f"{labels.dtype} {labels.shape}"
+        )
+    return labels
+
+
 def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     """Embeds cfg.embed.documents with the Llama of cfg.embed.checkpoint (a herd LM workdir)."""
     from herd.core.config import load_config
     from herd.curation import embed as embed_lib
+    from herd.lm.presets import build_model_config
     from herd.lm.tokenizer import load_tokenizer
-    from herd.lm.train import build_model_config
 
     e = cfg.embed
     for key in ("checkpoint", "tokenizer", "model_config"):
@@ -255,61 +312,100 @@ def _label_stats(labels, selected, seed: int) -> dict:
     )
 
 
+def _distribution(clusters: np.ndarray, k: int) -> dict:
+    """Balance of a set of points over k clusters, label-free: entropy of its cluster
+    histogram (nats), normalised by ln k, and the effective number of clusters exp(H)."""
+    h = _entropy(clusters)
+    return dict(
+        entropy=h,
+        normalised_entropy=h / np.log(k) if k > 1 else 1.0,
+        effective_clusters=float(np.exp(h)),
+        clusters_covered=int(np.unique(clusters[clusters >= 0]).size),
+    )
+
+
+def _balance_stats(tree, selected) -> dict:
+    """The selection's distribution over the top-level clusters against the pool's: the
+    balance the hierarchical sampling aims at (Vo et al. 2024, Sec. 4.2), measurable
+    without labels."""
+    from herd.curation.sampling import top_level_cluster
+
+    top = top_level_cluster(tree)
+    k = tree.levels[-1].k
+    return dict(
+        level=tree.n_levels - 1,
+        k=int(k),
+        entropy_max=float(np.log(k)),
+        pool=_distribution(top[top >= 0], k),
+        selected=_distribution(top[selected], k),
+    )
+
+
 def curate(cfg, workdir: str, *, say=print) -> dict:
     """Runs one curation as ``cfg`` says; writes the outputs into ``workdir``; returns the
-    summary (also written to ``workdir/summary.json``)."""
-    from herd.curation.hierarchical import hierarchical_kmeans
+    summary (also written to ``workdir/summary.json``).
+
+    Every check (config, embeddings, labels, sizes, whether the tree in ``workdir/tree``
+    may be resumed) runs before the first output file is written."""
+    from herd.curation.hierarchical import check_resume, hierarchical_kmeans, resampling_rounds
     from herd.curation.sampling import balanced_sample, points_per_cluster
 
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     check_hierarchy(cfg.hierarchy)  # config errors before reading anything
     x, source = _load_embeddings(cfg, workdir, say)
+    synthetic_labels = source.pop("synthetic_labels", None)
     check_embeddings(x)
     n, d = x.shape
     bad = nonfinite_rows(x)
     n_valid = n - bad.size
-    if bad.size:
-        msg = f"excluding {bad.size} of {n} rows holding NaN/inf (first: {bad[:10].tolist()})"
-        log.warning(msg)
-        say(msg)
-    np.save(os.path.join(workdir, "excluded_indices.npy"), bad)
     if n_valid == 0:
         raise ValueError(f"all {n} embedding rows hold NaN/inf: nothing to curate")
     hk = check_hierarchy(cfg.hierarchy, n_valid)
     target = target_size_for(cfg.sampling, n_valid)
     labels = None
-    labels_path = cfg.input.get("labels") or source.get("labels") or ""
+    labels_path = cfg.input.get("labels") or ""
     if labels_path:
-        labels = np.load(labels_path)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels {labels_path!r} must be an integer array of shape ({n},), got "
-                f"{labels.dtype} {labels.shape}"
-            )
-    say(
-        f"curating {n_valid} of {n} points (dim {d}, {x.dtype}) -> {target}: "
-        f"ks={hk['ks']}, resampling steps {hk['resampling_steps']}, "
-        f"points per cluster {hk['sample_sizes']}, {hk['n_iters']} Lloyd iterations, "
-        f"{hk['dtype'].name}"
-    )
-
-    t1 = time.perf_counter()
-    tree = hierarchical_kmeans(
-        x,
-        hk["ks"],
+        labels = _load_labels(labels_path, n)
+    tree_dir = os.path.join(workdir, "tree")
+    tree_args = dict(
         resampling_steps=hk["resampling_steps"],
         sample_sizes=hk["sample_sizes"],
         n_iters=hk["n_iters"],
         seed=int(cfg.seed),
         split_first=hk["split_first"],
         sample_strategy=hk["sample_strategy"],
-        workdir=os.path.join(workdir, "tree"),
         dtype=hk["dtype"],
-        verbose=True,
     )
+    if synthetic_labels is not None:  # checked in memory; now written (if changed)
+        os.makedirs(workdir, exist_ok=True)
+        x, source["labels"] = _save_synthetic(x, synthetic_labels, workdir, say)
+        if labels is None:
+            labels, labels_path = synthetic_labels, source["labels"]
+    check_resume(tree_dir, x, hk["ks"], **tree_args)  # other input or arguments: refused
+
+    os.makedirs(workdir, exist_ok=True)
+    if bad.size:
+        msg = f"excluding {bad.size} of {n} rows holding NaN/inf (first: {bad[:10].tolist()})"
+        log.warning(msg)
+        say(msg)
+    np.save(os.path.join(workdir, "excluded_indices.npy"), bad)
+    steps_sizes = zip(hk["resampling_steps"], hk["sample_sizes"], strict=True)
+    rounds = [resampling_rounds(s, r) for s, r in steps_sizes]
+    say(
+        f"curating {n_valid} of {n} points (dim {d}, {x.dtype}) -> {target}: "
+        f"ks={hk['ks']}, resampling rounds {rounds} after each level's first k-means "
+        f"(resampling_steps {hk['resampling_steps']} count that first run; a level with 1 "
+        f"point per cluster resamples nothing), points per cluster {hk['sample_sizes']}, "
+        f"{hk['n_iters']} Lloyd iterations, {hk['dtype'].name}"
+    )
+
+    t1 = time.perf_counter()
+    tree = hierarchical_kmeans(
+        x, hk["ks"], workdir=tree_dir, verbose=True, say=say, **tree_args
+    )  # fmt: skip
     t_cluster = time.perf_counter() - t1
+    runs = tree.meta.get("level_runs") or [{} for _ in tree.levels]
     t1 = time.perf_counter()
     strategy = cfg.sampling.strategy
     selected = balanced_sample(tree, target, strategy=strategy, seed=int(cfg.sampling.seed))
@@ -332,6 +428,8 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
                 k=lv.k,
                 k_requested=hk["ks"][i],
                 n_items=lv.n_items,
+                resampling_rounds=runs[i].get("resampling_rounds"),
+                kmeans_runs=runs[i].get("kmeans_runs"),
                 points_per_cluster=dict(
                     min=int(sizes.min()),
                     median=float(np.median(sizes)),
@@ -353,6 +451,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
             paths["label_histograms_png"] = plots.plot_label_histograms(
                 labels, selected, os.path.join(workdir, "label_histograms.png")
             )
+    balance = _balance_stats(tree, selected)
     summary = dict(
         input=source,
         n_points=int(n),
@@ -367,6 +466,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
         hierarchy=dict(
             ks=hk["ks"],
             resampling_steps=hk["resampling_steps"],
+            resampling_rounds=[r.get("resampling_rounds") for r in runs],
             sample_sizes=hk["sample_sizes"],
             n_iters=hk["n_iters"],
             split_first=hk["split_first"],
@@ -374,6 +474,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
             dtype=hk["dtype"].name,
         ),
         levels=levels,
+        balance=balance,
         seconds=dict(
             clustering=round(t_cluster, 3),
             sampling=round(t_sample, 3),
@@ -382,7 +483,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
         outputs=dict(
             paths,
             excluded=os.path.join(workdir, "excluded_indices.npy"),
-            tree=os.path.join(workdir, "tree"),
+            tree=tree_dir,
         ),
     )
     if labels is not None:
@@ -393,6 +494,18 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
     say(
         f"selected {selected.size} points in {summary['seconds']['total']:.1f}s "
         f"(clustering {t_cluster:.1f}s, sampling {t_sample:.2f}s) -> {paths['selected']}"
+    )
+    say(
+        f"resampling rounds run per level after the first k-means: "
+        f"{summary['hierarchy']['resampling_rounds']}"
+    )
+    pool, sel = balance["pool"], balance["selected"]
+    say(
+        f"balance over the {balance['k']} top-level clusters (entropy in nats, max "
+        f"{balance['entropy_max']:.2f}): pool {pool['entropy']:.2f} (normalised "
+        f"{pool['normalised_entropy']:.3f}, {pool['effective_clusters']:.1f} effective "
+        f"clusters), selected {sel['entropy']:.2f} (normalised {sel['normalised_entropy']:.3f}, "
+        f"{sel['effective_clusters']:.1f} effective clusters)"
     )
     if labels is not None:
         lab = summary["labels"]

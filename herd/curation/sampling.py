@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["balanced_sample", "allocate", "points_per_cluster"]
+__all__ = ["balanced_sample", "allocate", "points_per_cluster", "top_level_cluster"]
 
 STRATEGIES = ("random", "closest")
 
@@ -116,6 +116,16 @@ def points_per_cluster(tree) -> list[np.ndarray]:
         below = sizes[-1][np.asarray(lv.members, dtype=np.int64)]
         sizes.append(_segment_sums(below, np.asarray(lv.offsets, dtype=np.int64)))
     return sizes
+
+
+def top_level_cluster(tree) -> np.ndarray:
+    """[n_points] int64 cluster of the top (last) level that each point lies under, -1 for
+    points excluded from clustering: the level-0 assignment composed upwards."""
+    a = np.asarray(tree.levels[0].assignment, dtype=np.int64)
+    for lv in tree.levels[1:]:
+        up = np.asarray(lv.assignment, dtype=np.int64)
+        a = np.where(a >= 0, up[np.maximum(a, 0)], -1)
+    return a
 
 
 def _check_tree(tree) -> None:

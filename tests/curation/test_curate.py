@@ -1,10 +1,12 @@
 """The curation entry, the paper's experiments, Llama embeddings and bad input."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -122,19 +124,130 @@ def test_curate_entry_end_to_end_writes_everything(tmp_path):
 
 
 def _cfg(**overrides):
-    return load_config(TEST_CONFIG, [f"--config.{k}={v}" for k, v in overrides.items()])
+    """The test config with overrides; sequences are set in Python (as tuples), since
+    the command line may only override tuple-valued keys."""
+    seqs = {k: v for k, v in overrides.items() if isinstance(v, (list, tuple))}
+    flags = [f"--config.{k}={v}" for k, v in overrides.items() if k not in seqs]
+    cfg = load_config(TEST_CONFIG, flags)
+    for key, value in seqs.items():
+        *parents, name = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[name] = tuple(value)
+    return cfg
 
 
-def test_curate_library_call_and_resume(tmp_path):
+def _count_kmeans(monkeypatch):
+    """Counts the k-means runs of hierarchical_kmeans (its level runner imports kmeans from
+    the package at call time): a resumed level runs none."""
+    km_mod = importlib.import_module("herd.curation.kmeans")
+    orig, calls = km_mod.kmeans, []
+    monkeypatch.setattr(km_mod, "kmeans", lambda *a, **k: calls.append(a[1]) or orig(*a, **k))
+    return calls
+
+
+def _outputs(work):
+    """{relative path: mtime_ns} of every file under work (empty if work does not exist)."""
+    out = {}
+    for root, _, files in os.walk(work):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, work)] = os.stat(p).st_mtime_ns
+    return out
+
+
+def test_curate_library_call_and_resume(tmp_path, monkeypatch):
     emb, _ = _write_inputs(tmp_path)
     cfg = _cfg(**{"input.embeddings": emb, "plots": False, "sampling.strategy": "closest"})
-    s1 = curate_lib.curate(cfg, str(tmp_path / "w"), say=lambda _: None)
-    first = np.load(tmp_path / "w" / "selected_indices.npy")
-    # A rerun finds the finished tree in workdir/tree and gives the same subset.
-    s2 = curate_lib.curate(cfg, str(tmp_path / "w"), say=lambda _: None)
-    np.testing.assert_array_equal(first, np.load(tmp_path / "w" / "selected_indices.npy"))
+    work = tmp_path / "w"
+    calls = _count_kmeans(monkeypatch)
+    said = []
+    s1 = curate_lib.curate(cfg, str(work), say=said.append)
+    # ks (40, 10), resampling_steps (1, 3), sample_sizes (1, 2): level 0 one run, level 1
+    # the first run and 2 resampling rounds; the summary and the log say so.
+    assert calls == [40, 10, 10, 10]
+    assert s1["hierarchy"]["resampling_rounds"] == [0, 2]
+    assert [lv["resampling_rounds"] for lv in s1["levels"]] == [0, 2]
+    assert [lv["kmeans_runs"] for lv in s1["levels"]] == [1, 3]
+    assert any("resampling rounds [0, 2] after each level's first k-means" in m for m in said)
+    assert "resampling rounds run per level after the first k-means: [0, 2]" in said
+    first = np.load(work / "selected_indices.npy")
+    tree_files = {k: v for k, v in _outputs(work).items() if k.startswith("tree")}
+
+    # A rerun finds the finished tree in workdir/tree, recomputes none of it and gives
+    # the same subset and the same counts (of the run that made the tree).
+    calls.clear()
+    said.clear()
+    s2 = curate_lib.curate(cfg, str(work), say=said.append)
+    assert calls == []
+    assert f"resuming level 2 from {work / 'tree'} (2 of 2 levels already done)" in said
+    assert {k: v for k, v in _outputs(work).items() if k.startswith("tree")} == tree_files
+    np.testing.assert_array_equal(first, np.load(work / "selected_indices.npy"))
     assert s1["n_selected"] == s2["n_selected"] == 50
-    assert s2["seconds"]["clustering"] < s1["seconds"]["clustering"]
+    assert s2["hierarchy"]["resampling_rounds"] == [0, 2]
+
+
+def test_rerun_with_other_embeddings_is_refused(tmp_path, monkeypatch):
+    """The user's report: other embeddings of the same shape in the same workdir reused
+    the old tree (clustering 0.0 s). Now the rerun is refused, naming what differs, and
+    writes nothing."""
+    emb, _ = _write_inputs(tmp_path)
+    cfg = _cfg(**{"input.embeddings": emb, "plots": False})
+    work = tmp_path / "w"
+    curate_lib.curate(cfg, str(work), say=lambda _: None)
+    before = _outputs(work)
+    calls = _count_kmeans(monkeypatch)
+
+    other = np.load(emb)[::-1].copy()  # same shape, same rows, other order
+    other_path = str(tmp_path / "other.npy")
+    np.save(other_path, other)
+    with pytest.raises(ValueError, match="other input: the path differs") as e:
+        curate_lib.curate(
+            _cfg(**{"input.embeddings": other_path, "plots": False}), str(work), say=print
+        )
+    msg = str(e.value)
+    assert "the content differs" in msg and f"delete {work / 'tree'}" in msg
+    assert "\n" not in msg
+
+    # The same file rewritten in place (same path and size, a later mtime).
+    st = os.stat(emb)
+    np.save(emb, other)
+    os.utime(emb, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="the modification time differs .*the content differs"):
+        curate_lib.curate(cfg, str(work), say=lambda _: None)
+    assert calls == [] and _outputs(work) == before
+
+
+def test_selection_is_more_balanced_than_the_pool_without_labels(tmp_path):
+    """On a long-tailed mixture (make_long_tailed_mixture, via input.synthetic) the
+    balanced selection spreads over the top-level clusters more evenly than the pool:
+    higher entropy, more effective clusters (Vo et al. 2024, Sec. 4.2)."""
+    cfg = _cfg(**{"input.synthetic": "long_tail", "plots": False})
+    work = tmp_path / "w"
+    said = []
+    s = curate_lib.curate(cfg, str(work), say=said.append)
+    bal = s["balance"]
+    pool, sel = bal["pool"], bal["selected"]
+    print(f"\ntop-level balance: pool {pool}, selected {sel}")
+    assert bal["k"] == 10 and bal["entropy_max"] == pytest.approx(np.log(10))
+    assert sel["entropy"] > pool["entropy"] + 0.1
+    assert sel["effective_clusters"] > pool["effective_clusters"]
+    assert 0 < pool["normalised_entropy"] < sel["normalised_entropy"] <= 1
+    assert any(m.startswith("balance over the 10 top-level clusters") for m in said)
+    assert json.loads((work / "summary.json").read_text())["balance"] == bal
+    # The figures are those of the tree and the selection on disk.
+    a0 = np.load(work / "assignment_level0.npy")
+    top = np.load(work / "assignment_level1.npy")[a0]
+    sel_idx = np.load(work / "selected_indices.npy")
+    h = experiments.concept_entropy(top[sel_idx], 10)
+    assert sel["entropy"] == pytest.approx(h)
+    # A rerun regenerates the same mixture without rewriting it, so the tree resumes.
+    mtime = os.stat(work / "embeddings.npy").st_mtime_ns
+    said.clear()
+    curate_lib.curate(cfg, str(work), say=said.append)
+    assert os.stat(work / "embeddings.npy").st_mtime_ns == mtime
+    assert any(m.startswith("resuming level 2") for m in said)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -166,21 +279,63 @@ def test_bad_sizes_are_refused_before_clustering(tmp_path):
         curate_lib.curate(cfg, work, say=lambda _: None)
 
     with pytest.raises(ValueError, match=r"level 0: k=500 .* \(198\)"):
-        run(**{"hierarchy.ks": "[500, 10]"})
+        run(**{"hierarchy.ks": (500, 10)})
     with pytest.raises(ValueError, match="level 1: k=50 .* 40 centroids of level 0"):
-        run(**{"hierarchy.ks": "[40, 50]"})
+        run(**{"hierarchy.ks": (40, 50)})
     with pytest.raises(ValueError, match="target size 199 .* 198"):
         run(**{"sampling.target_size": 199})
     with pytest.raises(ValueError, match="resampling_steps has 3 entries for 2 levels"):
-        run(**{"hierarchy.resampling_steps": "[1, 2, 3]"})
+        run(**{"hierarchy.resampling_steps": (1, 2, 3)})
     with pytest.raises(ValueError, match="sample_strategy"):
         run(**{"hierarchy.sample_strategy": "farthest"})
     with pytest.raises(ValueError, match="does not exist"):
         run(**{"input.embeddings": "/nonexistent.npy"})
     with pytest.raises(ValueError, match="nothing to curate"):
         curate_lib.curate(_cfg(), work, say=lambda _: None)
-    # Nothing was clustered: no tree was written.
-    assert not os.path.exists(os.path.join(work, "tree"))
+    # Every error came before the first output: the workdir was not even created.
+    assert not os.path.exists(work)
+
+
+def test_bad_input_writes_nothing_into_a_used_workdir(tmp_path):
+    """A bad config or input is one ValueError sentence, raised before any output file is
+    written (excluded_indices.npy used to be written before the checks passed)."""
+    emb, lab = _write_inputs(tmp_path, n=300, bad_rows=(3, 100))
+    work = str(tmp_path / "w")
+    curate_lib.curate(_cfg(**{"input.embeddings": emb, "plots": False}), work, say=lambda _: None)
+    before = _outputs(work)
+    short_labels = str(tmp_path / "short.npy")
+    np.save(short_labels, np.zeros(7, np.int32))
+    nan_rows = str(tmp_path / "nan.npy")
+    np.save(nan_rows, np.full((300, 8), np.nan, np.float32))
+    cases = [
+        ({"hierarchy.ks": (400, 10)}, r"level 0: k=400 .* \(298\)"),
+        ({"sampling.target_size": 299}, "target size 299 .* 298"),
+        ({"input.labels": short_labels}, r"must be an integer array of shape \(300,\)"),
+        ({"input.labels": str(tmp_path / "missing.npy")}, "input.labels .* does not exist"),
+        ({"input.embeddings": nan_rows}, "all 300 embedding rows hold NaN/inf"),
+        ({"hierarchy.n_iters": 2}, "other arguments .*n_iters 5 there, 2 now"),
+        ({"hierarchy.sample_sizes": (1, 4, 2)}, "sample_sizes has 3 entries for 2 levels"),
+    ]
+    for overrides, match in cases:
+        cfg = _cfg(**{"input.embeddings": emb, "plots": False, **overrides})
+        with pytest.raises(ValueError, match=match) as e:
+            curate_lib.curate(cfg, work, say=lambda _: None)
+        assert "\n" not in str(e.value)
+        assert _outputs(work) == before, overrides
+
+
+def test_hierarchy_accepts_tuples_and_lists_and_refuses_strings():
+    cfg = _cfg()
+    for seq in (list, tuple):
+        cfg.hierarchy.ks = seq((40, 10))
+        cfg.hierarchy.resampling_steps = seq((1, 3))
+        cfg.hierarchy.sample_sizes = seq((1, 2))
+        hk = curate_lib.check_hierarchy(cfg.hierarchy, 100)
+        assert hk["ks"] == [40, 10] and hk["resampling_steps"] == [1, 3]
+    h = dict(cfg.hierarchy)
+    h["ks"] = "40, 10"
+    with pytest.raises(ValueError, match="hierarchy.ks must be an int or a list/tuple of ints"):
+        curate_lib.check_hierarchy(ml_collections.ConfigDict(h))
 
 
 def test_all_nonfinite_is_refused(tmp_path):
@@ -325,8 +480,8 @@ def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
     import jax.numpy as jnp
 
     from herd.lm.model import Llama
+    from herd.lm.presets import build_model_config
     from herd.lm.tokenizer import load_tokenizer, train_tokenizer
-    from herd.lm.train import build_model_config
 
     lm_config = os.path.join(REPO, "configs", "lm", "tiny.py")
     mc = build_model_config(load_config(lm_config).model)
@@ -351,7 +506,7 @@ def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
             "embed.model_config": lm_config,
             "embed.tokenizer": tok_path,
             "embed.seq_len": 32,
-            "hierarchy.ks": "[6, 2]",
+            "hierarchy.ks": (6, 2),
             "sampling.target_size": 10,
             "plots": False,
         }

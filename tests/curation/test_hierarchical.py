@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -86,10 +87,16 @@ def test_resampling_step_count_includes_first_run(monkeypatch):
 
     monkeypatch.setattr(km_mod, "kmeans", counting)
     x = _data(n=600)
-    hierarchical_kmeans(x, [30, 8], [3, 4], [4, 1], n_iters=3)
+    tree = hierarchical_kmeans(x, [30, 8], [3, 4], [4, 1], n_iters=3)
     # level 0: 1 run + 2 resampling runs on <= 30 * 4 points; level 1: r = 1 -> one run.
     assert [k for _, k in calls] == [30, 30, 30, 8]
     assert calls[0][0] == 600 and all(n <= 120 for n, _ in calls[1:3])
+    # The tree records what ran (4 steps asked at level 1, but r = 1: no round ran).
+    assert tree.meta["level_runs"] == [
+        dict(resampling_rounds=2, kmeans_runs=3),
+        dict(resampling_rounds=0, kmeans_runs=1),
+    ]
+    assert [hierarchical.resampling_rounds(s, r) for s, r in ((3, 4), (4, 1))] == [2, 0]
 
 
 def test_bad_inputs():
@@ -139,8 +146,82 @@ def test_killed_run_resumes_and_matches(tmp_path, monkeypatch):
     loaded = ClusterTree.load(str(tmp_path))
     assert loaded.meta["complete"] is True and loaded.n_points == len(x)
     np.testing.assert_array_equal(loaded.levels[2].centroids, full.levels[2].centroids)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(
+        ValueError, match=r"other arguments \(ks \[40, 15, 5\] there, \[40, 15, 6\]"
+    ):
         hierarchical_kmeans(x, [40, 15, 6], [2, 2, 2], [3, 2, 2], workdir=str(tmp_path), **kw)
+
+
+def _counting_kmeans(monkeypatch):
+    """Counts the k-means runs of the level runner (what a resumed run must not redo)."""
+    calls = []
+    km_mod = importlib.import_module("herd.curation.kmeans")
+    orig = km_mod.kmeans
+    monkeypatch.setattr(km_mod, "kmeans", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+def test_resume_says_so_and_recomputes_nothing(tmp_path, monkeypatch):
+    x = _data(n=500)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    args = ([20, 5], [2, 2], [3, 2])
+    work = str(tmp_path / "tree")
+    first = hierarchical_kmeans(np.load(path, mmap_mode="r"), *args, n_iters=3, workdir=work)
+    calls = _counting_kmeans(monkeypatch)
+    said = []
+    again = hierarchical_kmeans(
+        np.load(path, mmap_mode="r"), *args, n_iters=3, workdir=work, say=said.append
+    )
+    assert calls == []  # no k-means ran: both levels came from the workdir
+    assert said == [f"resuming level 2 from {work} (2 of 2 levels already done)"]
+    assert again.meta["level_runs"] == first.meta["level_runs"]
+    for a, b in zip(first.levels, again.levels, strict=True):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert hierarchical.check_resume(work, np.load(path, mmap_mode="r"), *args, n_iters=3) == 2
+    assert hierarchical.check_resume(str(tmp_path / "none"), x, *args, n_iters=3) == 0
+
+
+def test_resume_refuses_other_input_of_the_same_shape(tmp_path, monkeypatch):
+    """The user's report: other embeddings of the same shape in the same workdir reused
+    the old tree. Each difference is named; nothing is clustered."""
+    x = _data(n=500)
+    args = ([20, 5], [2, 2], [3, 2])
+    work = str(tmp_path / "tree")
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    hierarchical_kmeans(np.load(path, mmap_mode="r"), *args, n_iters=3, workdir=work)
+    calls = _counting_kmeans(monkeypatch)
+
+    def refused(xx, match):
+        with pytest.raises(ValueError, match=match) as e:
+            hierarchical_kmeans(xx, *args, n_iters=3, workdir=work)
+        assert f"use a new workdir, or delete {work}" in str(e.value)
+        with pytest.raises(ValueError, match=match):
+            hierarchical.check_resume(work, xx, *args, n_iters=3)
+        return str(e.value)
+
+    st = os.stat(path)
+    # Other rows in the same file (same path and size): mtime and content differ (the
+    # mtime set explicitly: some file systems keep whole seconds).
+    np.save(path, _data(n=500, seed=9))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    msg = refused(np.load(path, mmap_mode="r"), "other input: the modification time differs")
+    assert "the content differs" in msg
+    assert "the path differs" not in msg and "the size differs" not in msg
+    # The same bytes and mtime under another path: only the path differs.
+    np.save(path, x)
+    moved = tmp_path / "moved.npy"
+    os.replace(path, moved)
+    os.utime(moved, ns=(st.st_atime_ns, st.st_mtime_ns))
+    msg = refused(np.load(moved, mmap_mode="r"), r"the path differs \(.*x\.npy there, .*moved")
+    for what in ("size", "modification time", "content"):
+        assert f"the {what} differs" not in msg
+    # In memory, other rows: no file, and other content.
+    msg = refused(_data(n=500, seed=9), "the path differs")
+    for what in ("size", "modification time", "content"):
+        assert f"the {what} differs" in msg
+    assert calls == []
 
 
 def test_level0_k_too_large_names_level_and_value():
