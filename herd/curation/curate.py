@@ -193,16 +193,22 @@ def _load_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     )
 
 
+def _holds(path: str, arr: np.ndarray) -> bool:
+    """Whether the .npy file at path holds exactly arr."""
+    if not os.path.exists(path):
+        return False
+    try:
+        old = np.load(path, mmap_mode="r")
+    except ValueError:
+        return False
+    return old.shape == arr.shape and old.dtype == arr.dtype and bool(np.array_equal(old, arr))
+
+
 def _save_if_changed(path: str, arr: np.ndarray) -> bool:
     """Writes arr to path unless the file already holds exactly it (a rerun keeps the
     file's mtime, which the cluster tree's resume check compares). True if written."""
-    if os.path.exists(path):
-        try:
-            old = np.load(path, mmap_mode="r")
-            if old.shape == arr.shape and old.dtype == arr.dtype and np.array_equal(old, arr):
-                return False
-        except ValueError:
-            pass
+    if _holds(path, arr):
+        return False
     np.save(path, arr)
     return True
 
@@ -378,6 +384,14 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
         dtype=hk["dtype"],
     )
     if synthetic_labels is not None:  # checked in memory; now written (if changed)
+        if os.path.exists(os.path.join(tree_dir, "tree.json")) and not _holds(
+            os.path.join(workdir, "embeddings.npy"), x
+        ):  # refused before the old mixture is overwritten
+            raise ValueError(
+                f"workdir {tree_dir} holds a cluster tree of another synthetic mixture "
+                f"(seed or input.synthetic_kw changed); use a new workdir, or delete "
+                f"{tree_dir} to recompute the tree"
+            )
         os.makedirs(workdir, exist_ok=True)
         x, source["labels"] = _save_synthetic(x, synthetic_labels, workdir, say)
         if labels is None:

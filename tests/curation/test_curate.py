@@ -248,6 +248,12 @@ def test_selection_is_more_balanced_than_the_pool_without_labels(tmp_path):
     curate_lib.curate(cfg, str(work), say=said.append)
     assert os.stat(work / "embeddings.npy").st_mtime_ns == mtime
     assert any(m.startswith("resuming level 2") for m in said)
+    # Another mixture in the same workdir: refused before the old one is overwritten.
+    before = _outputs(work)
+    other = _cfg(**{"input.synthetic": "long_tail", "plots": False, "seed": 1})
+    with pytest.raises(ValueError, match="cluster tree of another synthetic mixture"):
+        curate_lib.curate(other, str(work), say=lambda _: None)
+    assert _outputs(work) == before
 
 
 # ----------------------------------------------------------------------------- bad input
