@@ -153,8 +153,27 @@ def logical_to_sharding(tree: Any, mesh: Mesh, rules=CORE_RULES) -> Any:
     Accepts the output of `jax.eval_shape(init)` with `nn.LogicallyPartitioned` boxes, or a
     tree of logical PartitionSpecs directly. Unboxed leaves become replicated.
     """
-    specs = nn.get_partition_spec(tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    rules = list(rules)
+
+    def sharding(x):
+        if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x.value):
+            return x.value  # a box around an empty node (optax's MaskedNode): keep it
+        if isinstance(x, nn.LogicallyPartitioned):
+            spec = nn.logical_to_mesh_axes(x.names, rules)
+        elif isinstance(x, nn.Partitioned):  # names that already are mesh axes
+            spec = PartitionSpec(*x.names)
+        elif isinstance(x, PartitionSpec):
+            spec = nn.logical_to_mesh_axes(tuple(x), rules)
+        else:
+            spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    # Mapped box by box, so empty nodes (optax's MaskedNode for frozen params, boxed when
+    # the optimiser state is built from boxed params) keep their place; flax's tree-wide
+    # helpers turned them into shardings that match no array.
+    return jax.tree.map(
+        sharding, tree, is_leaf=lambda x: isinstance(x, (nn.Partitioned, PartitionSpec))
+    )
 
 
 def abstract_state(init_fn: Callable, *args, mesh: Mesh, rules=CORE_RULES):

@@ -88,7 +88,7 @@ def _setup(grad_accum_steps=2, total_steps=60):
     optimizer, _ = make_optimizer(
         {
             "name": "lamb",
-            "lr": 0.02,
+            "lr": 0.05,
             "warmup_steps": 5,
             "start_lr": 1e-6,
             "min_lr": 1e-5,
