@@ -36,9 +36,10 @@ def curate_config() -> ml_collections.ConfigDict:
 
     # Hierarchical k-means with resampling (Vo et al. 2024, Sec. 4).
     c.hierarchy = ml_collections.ConfigDict()
-    c.hierarchy.ks = [1000, 300, 100]
-    c.hierarchy.resampling_steps = [1, 5, 5]  # per level; includes the first k-means run
-    c.hierarchy.sample_sizes = [5, 3, 2]  # points per cluster kept when resampling
+    # Tuples (not lists) so that --config.hierarchy.ks='(40, 10)' can replace them.
+    c.hierarchy.ks = (1000, 300, 100)
+    c.hierarchy.resampling_steps = (1, 5, 5)  # per level; includes the first k-means run
+    c.hierarchy.sample_sizes = (5, 3, 2)  # points per cluster kept when resampling
     c.hierarchy.n_iters = 50  # Lloyd iterations per k-means run
     c.hierarchy.split_first = 0  # > 0: level 0 = ks[0] // split_first clusters, each split
     c.hierarchy.sample_strategy = "closest"  # resampling picks: 'closest' or 'random'

@@ -17,12 +17,12 @@ def get_config(arg=None):
     del arg
     c = curate_config()
     c.mode = "demo"
-    c.demo = dict(ks=[3000, 1000, 300], sample_sizes=[2, 2, 2], resampling_steps=10, n_iters=50)
+    c.demo = dict(ks=(3000, 1000, 300), sample_sizes=(2, 2, 2), resampling_steps=10, n_iters=50)
     lt = curate_config()
     lt.input.synthetic = "long_tail"
-    lt.hierarchy.ks = [500, 100]
-    lt.hierarchy.resampling_steps = [3, 3]
-    lt.hierarchy.sample_sizes = [4, 2]
+    lt.hierarchy.ks = (500, 100)
+    lt.hierarchy.resampling_steps = (3, 3)
+    lt.hierarchy.sample_sizes = (4, 2)
     lt.hierarchy.n_iters = 20
     lt.sampling.target_fraction = 0.1
     c.long_tail = lt

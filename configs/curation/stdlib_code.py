@@ -25,9 +25,9 @@ def get_config(arg=None):
     c.embed.model_config = "configs/lm/default.py"
     c.embed.seq_len = 256
     c.embed.batch_size = 16
-    c.hierarchy.ks = [200, 50, 10]
-    c.hierarchy.resampling_steps = [1, 5, 5]
-    c.hierarchy.sample_sizes = [1, 3, 2]
+    c.hierarchy.ks = (200, 50, 10)
+    c.hierarchy.resampling_steps = (1, 5, 5)
+    c.hierarchy.sample_sizes = (1, 3, 2)
     c.hierarchy.n_iters = 30
     c.sampling.target_fraction = 0.2
     return c

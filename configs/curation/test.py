@@ -13,9 +13,9 @@ def get_config(arg=None):
     c.input.synthetic_kw.n_points = 2000
     c.input.synthetic_kw.n_concepts = 20
     c.input.synthetic_kw.dim = 8
-    c.hierarchy.ks = [40, 10]
-    c.hierarchy.resampling_steps = [1, 3]
-    c.hierarchy.sample_sizes = [1, 2]
+    c.hierarchy.ks = (40, 10)
+    c.hierarchy.resampling_steps = (1, 3)
+    c.hierarchy.sample_sizes = (1, 2)
     c.hierarchy.n_iters = 5
     c.sampling.target_size = 50
     return c

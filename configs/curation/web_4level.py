@@ -15,10 +15,10 @@ from configs.curation.common import curate_config
 def get_config(arg=None):
     del arg
     c = curate_config()
-    c.hierarchy.ks = [10_000_000, 500_000, 50_000, 10_000]
+    c.hierarchy.ks = (10_000_000, 500_000, 50_000, 10_000)
     c.hierarchy.split_first = 100  # level 0: 100k clusters, each split into 100
-    c.hierarchy.resampling_steps = [1, 10, 10, 10]
-    c.hierarchy.sample_sizes = [1, 10, 5, 3]
+    c.hierarchy.resampling_steps = (1, 10, 10, 10)
+    c.hierarchy.sample_sizes = (1, 10, 5, 3)
     c.hierarchy.n_iters = 50
     c.hierarchy.sample_strategy = "closest"
     c.hierarchy.dtype = "float64"

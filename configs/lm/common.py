@@ -8,33 +8,46 @@ a model preset from herd.lm.model plus the paper's optimiser, batch and length.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-# Fields of LlamaConfig a config may set; None = the preset's (or the class's) default.
-MODEL_FIELDS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "vocab_size",
-    "ffn_dim",
-    "multiple_of",
-    "ffn_dim_multiplier",
-    "norm_eps",
-    "rope_theta",
-    "max_seq_len",
-    "tie_embeddings",
-    "dtype",
-    "param_dtype",
-    "remat_policy",
-    "scan_layers",
-    "attention_impl",
-    "attention_q_chunk",
-)
+# Fields of herd.lm.model.LlamaConfig a config may set, with the dataclass's types: each is
+# a typed placeholder, so --config.model.X=value parses as that type and
+# --config.model.X=none unsets it again; unset (None) = the preset's (or the class's)
+# default. optimizer_eps is optim.eps.
+MODEL_FIELDS = {
+    "dim": int,
+    "n_layers": int,
+    "n_heads": int,
+    "n_kv_heads": int,
+    "vocab_size": int,
+    "ffn_dim": int,
+    "multiple_of": int,
+    "ffn_dim_multiplier": float,
+    "norm_eps": float,
+    "rope_theta": float,
+    # Llama 3.1 style, a whole dict: --config.model.rope_scaling="{'factor': 8.0,
+    # 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}"
+    # (all four keys; factor 1.0 = no scaling).
+    "rope_scaling": dict,
+    "max_seq_len": int,
+    "tie_embeddings": bool,
+    "dtype": str,
+    "param_dtype": str,
+    "remat_policy": str,
+    "scan_layers": bool,
+    "attention_impl": str,
+    "attention_q_chunk": int,
+    "init_std": float,
+}
+
+
+def _placeholders(types: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({k: placeholder(t) for k, t in types.items()})
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"preset": None, **{k: None for k in MODEL_FIELDS}})
+    c.model = _placeholders({"preset": str, **MODEL_FIELDS})  # preset: herd.lm.model presets
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.data = ml_collections.ConfigDict(
         {
@@ -59,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
             "min_lr_ratio": 0.1,  # cosine ends at 10% of the peak (Llama 1/2/3)
             "b1": 0.9,
             "b2": 0.95,
-            "eps": None,  # None = the model family's value (Llama 2 sec. 2.2: 1e-5)
+            # unset = the model family's value (LlamaConfig.optimizer_eps; Llama 2 sec. 2.2: 1e-5)
+            "eps": placeholder(float),
             "weight_decay": 0.1,
             "clip_norm": 1.0,
         }
