@@ -9,9 +9,10 @@ One checkpoint per step directory holds up to three items:
             only the checkpoint directory (`read_config`).
 Restoring takes the sharded abstract state (shapes, dtypes and shardings), so each host
 reads only its shards; `restore_params` reads the params alone straight onto a mesh
-(the optimiser state is never read, and no host holds a full copy). Orbax writes into a temporary directory and renames it when the
-save is complete, so a half-written step is never listed or restored; `max_to_keep`
-deletes only older steps, never the newest complete one.
+(the optimiser state is never read, and no host holds a full copy). Orbax writes into a
+temporary directory and renames it when the save is complete, so a half-written step is
+never listed or restored; `max_to_keep` deletes only older steps, never the newest
+complete one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimisers, schedules, parameter masks and token-weighted gradient accumulation.
+"""Optimisers, schedules and parameter masks (gradient accumulation: herd.core.step).
 
 Domain-free: every trainer builds its optimiser here from a config mapping with
 `make_optimizer(optim_cfg, total_steps, steps_per_epoch=None) -> (tx, schedule)`.
@@ -49,7 +49,6 @@ __all__ = [
     "vit_layer_decay",
     "validate",
     "make_optimizer",
-    "accumulate_gradients",
 ]
 
 # Params whose path matches this are never decayed (RMSNorm / LayerNorm scales, biases).
@@ -502,53 +501,3 @@ def make_optimizer(
 
         tx = optax.GradientTransformationExtraArgs(init, inner.update)
     return tx, schedule
-
-
-def _split_microbatches(batch: Any, n: int, constrain: Callable | None) -> Any:
-    """[B, ...] -> [n, B/n, ...], microbatch i = rows i, i+n, i+2n, ...
-
-    Strided rather than contiguous: each device's block of rows holds an equal share of
-    every microbatch, so splitting needs no communication when B is sharded.
-    """
-
-    def split(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch of {x.shape[0]} rows is not divisible by grad_accum_steps {n}")
-        y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-        return constrain(y) if constrain is not None else y
-
-    return jax.tree.map(split, batch)
-
-
-def accumulate_gradients(
-    loss_fn: Callable[[Any, Any], tuple[jax.Array, jax.Array]],
-    params: Any,
-    batch: Any,
-    n_microbatches: int = 1,
-    constrain_microbatch: Callable | None = None,
-):
-    """Token-weighted gradient of `loss_fn` over `batch`, in `n_microbatches` pieces.
-
-    `loss_fn(params, microbatch) -> (sum_nll, n_tokens)`. The sums and their gradients are
-    added over the microbatches and divided once by the total token count, so the result
-    equals one big batch exactly (up to float summation order) even when microbatches hold
-    different numbers of real tokens. Returns (mean loss, grads, total tokens).
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if n_microbatches == 1:
-        (sum_loss, n_tokens), grads = grad_fn(params, batch)
-    else:
-        micro = _split_microbatches(batch, n_microbatches, constrain_microbatch)
-
-        def body(carry, mb):
-            acc_loss, acc_tokens, acc_grads = carry
-            (loss, tokens), grads = grad_fn(params, mb)
-            acc_grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc_grads, grads)
-            return (acc_loss + loss, acc_tokens + tokens, acc_grads), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (sum_loss, n_tokens, grads), _ = jax.lax.scan(body, init, micro)
-    denom = jnp.maximum(n_tokens.astype(jnp.float32), 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    return sum_loss / denom, grads, n_tokens

@@ -13,16 +13,17 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from herd.core import mesh as mesh_lib
+from herd.core import step as step_lib
 from herd.core.checkpoint import Checkpointer, abstract_like
 from herd.core.loop import NonFiniteLossError, TrainState, train_loop
-from herd.core.metrics import MetricsWriter, matmul_peak_flops, mfu
-from herd.core.optim import accumulate_gradients, make_optimizer
+from herd.core.metrics import MetricsWriter, matmul_peak_flops
+from herd.core.optim import make_optimizer
 
 V, D, T, B = 16, 8, 6, 8
+RULES = mesh_lib.axis_rules(("vocab", "tensor"))
 
 
 class _ToyLM(nn.Module):
@@ -59,22 +60,23 @@ def _compiled(total_steps):
         params = model.init(k, jnp.zeros((1, T), jnp.int32))["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
 
-    def loss_fn(params, b):
+    def loss_fn(params, b, rng, extra):
         logp = jax.nn.log_softmax(model.apply({"params": params}, b["inputs"]))
         nll = -jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
-        return jnp.sum(nll * b["loss_mask"]), jnp.sum(b["loss_mask"])
+        return jnp.sum(nll * b["loss_mask"]), jnp.sum(b["loss_mask"]), {}
 
-    def step(state, batch):
-        loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, 2)
-        updates, opt = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt), {"loss": loss}
-
-    _, shardings = mesh_lib.abstract_state(init, jax.random.key_data(jax.random.key(0)), mesh=mesh)
+    rng = jax.random.key_data(jax.random.key(0))
+    _, shardings = mesh_lib.abstract_state(init, rng, mesh=mesh, rules=RULES)
     jinit = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)
     bsh = {k: mesh_lib.batch_sharding(mesh) for k in ("inputs", "targets", "loss_mask")}
-    jstep = jax.jit(
-        step, in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0
+    jstep = step_lib.make_train_step(
+        loss_fn,
+        tx,
+        mesh=mesh,
+        state_shardings=shardings,
+        batch_shardings=bsh,
+        rules=RULES,
+        grad_accum_steps=2,
     )
     return mesh, jinit, jstep
 
@@ -170,7 +172,7 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
     assert Checkpointer(str(tmp_path / "ckpt")).latest_step() == 3
 
 
-def test_metrics_writer_and_mfu(tmp_path):
+def test_metrics_writer_round_trip(tmp_path):
     w = MetricsWriter(str(tmp_path), tensorboard=True)
     w.write(1, {"loss": np.float32(2.5), "tokens_per_second": 100.0})
     w.write(2, {"loss": jnp.asarray(2.0)})
@@ -178,10 +180,38 @@ def test_metrics_writer_and_mfu(tmp_path):
     rows = MetricsWriter.read(os.path.join(tmp_path, "metrics.jsonl"))
     assert rows == [{"step": 1, "loss": 2.5, "tokens_per_second": 100.0}, {"step": 2, "loss": 2.0}]
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
-    assert mfu(1e9, 0.5, 4e9) == pytest.approx(0.5)
     peak = matmul_peak_flops(n=128, use_cache=False)
     assert 1e6 < peak < 1e14
     json.dumps(peak)
+
+
+def test_loop_logs_throughput_and_mfu_of_each_step(tmp_path):
+    """Each log row's units/s and MFU follow from its own seconds per step and the
+    per-step functions at the step it ends at (a batch ramp doubles them at step 4)."""
+    _, state, step, put = _setup()
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    _, hist = train_loop(
+        state,
+        step,
+        _data_iter(),
+        num_steps=6,
+        put_batch=put,
+        writer=writer,
+        log_every=2,
+        units_per_step=lambda s: 48.0 if s < 4 else 96.0,
+        unit="tokens",
+        flops_per_step=lambda s: 1e6 if s < 4 else 2e6,
+        peak_flops=1e9,
+    )
+    rows = [r for r in MetricsWriter.read(os.path.join(tmp_path, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        units, flops = (48.0, 1e6) if r["step"] <= 4 else (96.0, 2e6)
+        dt = r["seconds_per_step"]
+        assert dt > 0
+        assert r["tokens_per_second"] == pytest.approx(units / dt, rel=1e-9)
+        assert r["mfu"] == pytest.approx(flops / dt / 1e9, rel=1e-9)
+        assert r["loss"] == hist["loss"][r["step"]]
 
 
 def test_half_written_step_is_ignored(tmp_path):

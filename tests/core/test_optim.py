@@ -1,4 +1,4 @@
-"""Optimisers (AdamW, LAMB, SGD), schedules, masks, lr rules and gradient accumulation."""
+"""Optimisers (AdamW, LAMB, SGD), schedules, masks and lr rules."""
 
 import re
 
@@ -11,7 +11,6 @@ import pytest
 
 from herd.core.optim import (
     DEIT3_NO_DECAY,
-    accumulate_gradients,
     decay_mask,
     make_optimizer,
     make_schedule,
@@ -437,37 +436,3 @@ def test_bad_input_errors_name_the_culprit():
     with pytest.raises(ValueError, match="'vit'"):
         preset("vit")
     validate(dict(base, frozen="mlp"), params)  # fine: no error
-
-
-# ------------------------------------------------------------- gradient accumulation
-
-
-def _loss_fn(params, batch):
-    logits = batch["x"] @ params["w"]  # [B, T, V]
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, batch["y"][..., None], axis=-1)[..., 0]
-    mask = batch["mask"]
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-@pytest.mark.parametrize("n_micro", [2, 4])
-def test_accumulation_equals_one_batch(n_micro):
-    rng = np.random.default_rng(0)
-    B, T, D, V = 8, 5, 3, 7
-    batch = {
-        "x": jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32),
-        "y": jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32),
-        # very unequal real-token counts per row, so per-microbatch means would be wrong
-        "mask": jnp.asarray(np.arange(T)[None, :] < rng.integers(0, T + 1, size=(B, 1)), "f4"),
-    }
-    params = {"w": jnp.asarray(rng.normal(size=(D, V)), jnp.float32)}
-    loss1, g1, n1 = jax.jit(lambda p, b: accumulate_gradients(_loss_fn, p, b, 1))(params, batch)
-    loss2, g2, n2 = jax.jit(lambda p, b: accumulate_gradients(_loss_fn, p, b, n_micro))(
-        params, batch
-    )
-    assert float(n1) == float(n2) == float(batch["mask"].sum())
-    np.testing.assert_allclose(loss1, loss2, rtol=1e-6)
-    np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-5, atol=1e-7)
-    # and it really is the token-weighted mean (not the mean of microbatch means)
-    s, n = _loss_fn(params, batch)
-    np.testing.assert_allclose(loss1, s / n, rtol=1e-6)

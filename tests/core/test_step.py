@@ -114,7 +114,10 @@ def _setup(grad_accum_steps=2, total_steps=60):
     abstract, shardings = mesh_lib.abstract_state(init, rng, mesh=mesh, rules=RULES)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(RULES)):
         jinit = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)
-    batch_sh = {"image": mesh_lib.batch_sharding(mesh, 2), "label": mesh_lib.batch_sharding(mesh, 1)}
+    batch_sh = {
+        "image": mesh_lib.batch_sharding(mesh, 2),
+        "label": mesh_lib.batch_sharding(mesh, 1),
+    }
     step = step_lib.make_train_step(
         loss_fn(model),
         optimizer,
@@ -230,3 +233,40 @@ def test_resume_is_bit_exact_with_extra_and_config(tmp_path):
     assert params["stem"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     for a, b in zip(_leaves(params), _leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _masked_nll(params, batch, rng, extra):
+    del rng, extra
+    logp = jax.nn.log_softmax(batch["x"] @ params["w"])  # [B, T, V]
+    nll = -jnp.take_along_axis(logp, batch["y"][..., None], axis=-1)[..., 0]
+    mask = batch["mask"]
+    return jnp.sum(nll * mask), jnp.sum(mask), {"rows": jnp.float32(batch["x"].shape[0])}
+
+
+@pytest.mark.parametrize("n_micro", [2, 4])
+def test_accumulation_equals_one_batch(n_micro):
+    rng = np.random.default_rng(0)
+    B, T, D, V = 8, 5, 3, 7
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32),
+        # very unequal real-token counts per row, so per-microbatch means would be wrong
+        "mask": jnp.asarray(np.arange(T)[None, :] < rng.integers(0, T + 1, size=(B, 1)), "f4"),
+    }
+    params = {"w": jnp.asarray(rng.normal(size=(D, V)), jnp.float32)}
+    key = jax.random.key_data(jax.random.key(0))
+
+    def accumulate(n):
+        return jax.jit(lambda p, b: step_lib.accumulate_gradients(_masked_nll, p, b, key, None, n))(
+            params, batch
+        )
+
+    loss1, g1, n1, aux1, _ = accumulate(1)
+    loss2, g2, n2, aux2, _ = accumulate(n_micro)
+    assert float(n1) == float(n2) == float(batch["mask"].sum())
+    assert float(aux1["rows"]) == float(aux2["rows"]) == B  # aux summed over microbatches
+    np.testing.assert_allclose(loss1, loss2, rtol=1e-6)
+    np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-5, atol=1e-7)
+    # and it really is the token-weighted mean (not the mean of microbatch means)
+    s, n, _ = _masked_nll(params, batch, None, None)
+    np.testing.assert_allclose(loss1, s / n, rtol=1e-6)
