@@ -29,8 +29,8 @@ def curate_config() -> ml_collections.ConfigDict:
     c.embed.documents = ""  # 'stdlib', a glob, or '' (no embedding step)
     c.embed.checkpoint = ""  # a herd LM workdir (orbax checkpoints of herd.lm.train)
     c.embed.step = -1  # -1: the latest checkpoint
-    c.embed.model_config = ""  # the LM config file the checkpoint was trained with
-    c.embed.tokenizer = ""  # its tokenizer file (.model or tiktoken)
+    c.embed.model_config = ""  # '' = the config stored with the checkpoint; else an LM config file
+    c.embed.tokenizer = ""  # '' = the tokenizer the run kept in its workdir; else a file
     c.embed.seq_len = 512
     c.embed.batch_size = 8
 

@@ -3,12 +3,10 @@
 The documents are the interpreter's own *.py files (herd's embedded default corpus), one
 document per file, truncated to 256 tokens; the embedding of a file is the mean of the
 model's final hidden states over its tokens. Train a model first, then point this config
-at its workdir and at the tokenizer it used (herd.lm.train caches it under
-~/.cache/herd/tokenizers/, or set data.tokenizer when training):
+at its workdir: the model config and the tokenizer are the ones the run kept there.
 
     python -m herd.lm.train --config=configs/lm/default.py --workdir=workdir/lm
-    python -m herd.curation.curate --config=configs/curation/stdlib_code.py \\
-        --config.embed.tokenizer=$(ls ~/.cache/herd/tokenizers/sp_*_v2048_*.model | head -1)
+    python -m herd.curation.curate --config=configs/curation/stdlib_code.py
 
 Writes the selected file indices (documents.txt lists the files in row order), the tree,
 the summary and the plots into --workdir. A minute or two on 2 CPU cores after training.
@@ -22,7 +20,6 @@ def get_config(arg=None):
     c = curate_config()
     c.embed.documents = "stdlib"
     c.embed.checkpoint = "workdir/lm"
-    c.embed.model_config = "configs/lm/default.py"
     c.embed.seq_len = 256
     c.embed.batch_size = 16
     c.hierarchy.ks = (200, 50, 10)

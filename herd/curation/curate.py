@@ -239,26 +239,44 @@ def _load_labels(path: str, n: int) -> np.ndarray:
 
 
 def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
-    """Embeds cfg.embed.documents with the Llama of cfg.embed.checkpoint (a herd LM workdir)."""
+    """Embeds cfg.embed.documents with the Llama of cfg.embed.checkpoint (a herd LM workdir).
+
+    The model config and the tokenizer are the ones the workdir's run trained with (stored
+    with its checkpoints); embed.model_config / embed.tokenizer override them.
+    """
     from herd.core.config import load_config
     from herd.curation import embed as embed_lib
     from herd.lm.presets import build_model_config
     from herd.lm.tokenizer import load_tokenizer
 
     e = cfg.embed
-    for key in ("checkpoint", "tokenizer", "model_config"):
-        if not e.get(key):
-            raise ValueError(f"embed.documents is set but embed.{key} is empty")
+    if not e.get("checkpoint"):
+        raise ValueError("embed.documents is set but embed.checkpoint (a herd LM workdir) is empty")
     names, texts = embed_lib.read_documents(e.documents)
     ckpt_dir, step = embed_lib.resolve_step(e.checkpoint, None if int(e.step) < 0 else int(e.step))
+    if e.get("model_config"):
+        model_config = build_model_config(load_config(e.model_config).model)
+    else:
+        model_config = embed_lib.run_model_config(ckpt_dir, step)
+    if e.get("tokenizer"):
+        tokenizer_file = os.path.abspath(e.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_file)
+    else:
+        tokenizer_file = "the run's own"
+        tokenizer = embed_lib.run_tokenizer(e.checkpoint)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}"
+        )
     out = os.path.join(workdir, "embeddings.npy")
     info_path = os.path.join(workdir, "embeddings.json")
     key = dict(
         documents=names,
         checkpoint=ckpt_dir,
         step=step,
-        model_config=e.model_config,
-        tokenizer=os.path.abspath(e.tokenizer),
+        model_config=e.model_config or "the run's own",
+        tokenizer=tokenizer_file,
         seq_len=int(e.seq_len),
     )
     if os.path.exists(out) and os.path.exists(info_path):  # a rerun: reuse if the same
@@ -267,14 +285,7 @@ def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
         if saved.get("key") == key:
             say(f"reusing the embeddings in {out}")
             return np.load(out, mmap_mode="r"), dict(source=f"embed:{e.documents}", **saved["info"])
-    model_config = build_model_config(load_config(e.model_config).model)
-    tokenizer = load_tokenizer(e.tokenizer)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"embed.tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model_config.vocab_size}"
-        )
-    params = embed_lib.load_params(ckpt_dir, step)
+    params = embed_lib.load_params(ckpt_dir, model_config, step)
     say(f"embedding {len(texts)} documents with {ckpt_dir} step {step} -> {out}")
     x, info = embed_lib.embed_texts(
         texts,

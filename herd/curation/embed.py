@@ -14,7 +14,10 @@ one per row (truncated to ``seq_len``, counted) and runs the whole thing.
 
 Parameters come in directly (``params``, a pytree matching ``Llama(config)``), or from a
 herd LM workdir with :func:`load_params` (the orbax checkpoints written by
-``herd.lm.train``; only the ``params`` of the train state are read).
+``herd.lm.train``: only the ``params`` of the train state are read, each device reading
+its own shards). The workdir also holds what the run was trained with: its config (with
+each checkpoint; :func:`run_model_config`) and its tokenizer (:func:`run_tokenizer`), so
+a workdir is all that embedding needs.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen import meta
 
 from herd.core import mesh as mesh_lib
 from herd.lm.model import Llama
+from herd.lm.sharding import LM_RULES
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ __all__ = [
     "tokenize_batches",
     "embed_texts",
     "load_params",
+    "run_model_config",
+    "run_tokenizer",
     "resolve_step",
     "params_on_mesh",
     "shard_llama_params",
@@ -159,15 +166,18 @@ def params_on_mesh(params, mesh):
     return jax.tree.map(put, params)
 
 
-def shard_llama_params(params, config, mesh):
-    """Lays Llama params out on ``mesh`` by their logical axis names (herd.core.mesh
-    DEFAULT_RULES: FSDP over 'embed', tensor parallel over heads/mlp/vocab), so a model too
-    large for one device can embed."""
-
+def _llama_shardings(config, mesh):
     boxed = jax.eval_shape(
         lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     )["params"]
-    shardings = mesh_lib.logical_to_sharding(boxed, mesh)
+    return boxed, mesh_lib.logical_to_sharding(boxed, mesh, LM_RULES)
+
+
+def shard_llama_params(params, config, mesh):
+    """Lays Llama params out on ``mesh`` by their logical axis names (the LM's rules:
+    FSDP over 'embed', tensor parallel over heads/mlp/vocab), so a model too large for
+    one device can embed. Params already laid out so are not moved."""
+    _, shardings = _llama_shardings(config, mesh)
     return jax.tree.map(jax.device_put, params, shardings)
 
 
@@ -309,16 +319,55 @@ def resolve_step(workdir: str, step: int | None = None) -> tuple[str, int]:
     return directory, step
 
 
-def load_params(workdir: str, step: int | None = None):
-    """The ``params`` of a herd LM checkpoint (``<workdir>/checkpoints/<step>/state``),
-    restored by orbax as host arrays without needing the optimiser's structure.
-    ``step``: default the latest. Also accepts the ``checkpoints`` directory itself."""
-    import orbax.checkpoint as ocp
+def _lm_workdir(path: str) -> str:
+    """The herd.lm.train workdir of ``path`` (the workdir itself or its checkpoints/)."""
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def run_model_config(workdir: str, step: int | None = None):
+    """The LlamaConfig a herd LM workdir's checkpoint ``step`` (default: the latest) was
+    trained with, from the config stored with it."""
+    from herd.core.checkpoint import read_config
+    from herd.lm.presets import build_model_config
 
     directory, step = resolve_step(workdir, step)
-    path = os.path.join(directory, str(step), "state")
-    state = ocp.StandardCheckpointer().restore(path)
-    params = state["params"] if isinstance(state, dict) and "params" in state else None
-    if params is None:
-        raise ValueError(f"checkpoint {path!r} holds no 'params' entry")
-    return params
+    try:
+        stored = read_config(directory, step)
+    except FileNotFoundError:
+        raise ValueError(
+            f"checkpoint step {step} in {directory!r} holds no config (written by an older "
+            "herd): set embed.model_config to the LM config file it was trained with"
+        ) from None
+    return build_model_config(stored["model"])
+
+
+def run_tokenizer(workdir: str):
+    """The tokenizer a herd LM workdir's run trained with (kept in ``workdir/tokenizer/``)."""
+    from herd.lm.tokenizer import load_from_workdir
+
+    try:
+        return load_from_workdir(_lm_workdir(workdir))
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}: set embed.tokenizer to the run's tokenizer file") from None
+
+
+def load_params(workdir: str, config, step: int | None = None, mesh=None):
+    """The ``params`` of a herd LM checkpoint (``<workdir>/checkpoints/<step>/state``) for
+    ``Llama(config)``, restored alone straight onto ``mesh`` (default: every device on
+    'fsdp') in the model's layout: the optimiser state is never read and no host holds a
+    full copy. ``step``: default the latest. Also accepts the ``checkpoints`` directory.
+    A checkpoint trained with another model is refused naming its config file."""
+    from herd.core.checkpoint import restore_params
+    from herd.lm.presets import check_checkpoint_model
+
+    directory, step = resolve_step(workdir, step)
+    check_checkpoint_model(directory, config, step)
+    mesh = mesh_lib.make_mesh({"fsdp": -1}) if mesh is None else mesh
+    boxed, shardings = _llama_shardings(config, mesh)
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        meta.unbox(boxed),
+        shardings,
+    )
+    return restore_params(directory, abstract, step)

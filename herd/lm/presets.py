@@ -7,6 +7,7 @@ plus overrides, or every field) into a LlamaConfig.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -138,3 +139,49 @@ def build_model_config(model_cfg: ml_collections.ConfigDict | dict) -> LlamaConf
     if preset:
         return LlamaConfig.preset(preset, **fields)
     return LlamaConfig(**fields)
+
+
+# What the weights of a checkpoint mean; the rest (compute dtype, remat policy, attention
+# backend, max_seq_len) may change between a run and its resume.
+WEIGHT_DEFINING_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "hidden_dim",
+    "tie_embeddings",
+    "param_dtype",
+    "scan_layers",
+    "norm_eps",
+    "rope_theta",
+    "rope_scaling",
+)
+
+
+def check_checkpoint_model(checkpoint_dir: str, model_config, step: int | None = None) -> None:
+    """Raises ValueError, naming the file, when checkpoint `step` (default: the latest) in
+    `checkpoint_dir` was trained with another model than `model_config` (a restore would
+    fail in orbax with a shape error or, worse, load weights into a model of another
+    meaning). Checkpoints without a stored config pass."""
+    from herd.core.checkpoint import read_config
+
+    try:
+        stored = read_config(checkpoint_dir, step)
+    except FileNotFoundError:  # checkpoints written before configs were stored with them
+        return
+    theirs = build_model_config(stored["model"])
+    diff = {
+        k: (getattr(theirs, k), getattr(model_config, k))
+        for k in WEIGHT_DEFINING_FIELDS
+        if getattr(theirs, k) != getattr(model_config, k)
+    }
+    if diff:
+        if step is None:
+            step = max(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"the checkpoint {os.path.join(checkpoint_dir, str(step), 'config')} was trained "
+            f"with another model than the config asks for ({changes}); use another "
+            "--workdir, or the checkpoint's own model settings"
+        )

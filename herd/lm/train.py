@@ -53,7 +53,7 @@ import optax
 
 from herd.core import mesh as mesh_lib
 from herd.core import step as step_lib
-from herd.core.checkpoint import Checkpointer, read_config
+from herd.core.checkpoint import Checkpointer
 from herd.core.config import run_entry
 from herd.core.loop import TrainState, train_loop
 from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
@@ -63,7 +63,7 @@ from herd.lm import tokenizer as tok_lib
 from herd.lm.attention import check_attention_config
 from herd.lm.loss import chunked_cross_entropy
 from herd.lm.model import Llama, output_embedding
-from herd.lm.presets import build_model_config
+from herd.lm.presets import build_model_config, check_checkpoint_model
 from herd.lm.sharding import LM_RULES
 
 __all__ = [
@@ -83,48 +83,6 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 # ----------------------------------------------------------------------------- config
-
-
-# What the weights of a checkpoint mean; the rest (compute dtype, remat policy, attention
-# backend, max_seq_len) may change between a run and its resume.
-WEIGHT_DEFINING_FIELDS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "vocab_size",
-    "hidden_dim",
-    "tie_embeddings",
-    "param_dtype",
-    "scan_layers",
-    "norm_eps",
-    "rope_theta",
-    "rope_scaling",
-)
-
-
-def check_checkpoint_model(checkpoint_dir: str, model_config) -> None:
-    """Raises ValueError, naming the file, when the latest checkpoint in `checkpoint_dir`
-    was trained with another model than `model_config` (a resume would fail in orbax
-    with a shape error, or worse, load weights into a model of another meaning)."""
-    try:
-        stored = read_config(checkpoint_dir)
-    except FileNotFoundError:  # checkpoints written before configs were stored with them
-        return
-    theirs = build_model_config(stored["model"])
-    diff = {
-        k: (getattr(theirs, k), getattr(model_config, k))
-        for k in WEIGHT_DEFINING_FIELDS
-        if getattr(theirs, k) != getattr(model_config, k)
-    }
-    if diff:
-        step = max(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
-        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(
-            f"the checkpoint {os.path.join(checkpoint_dir, str(step), 'config')} was trained "
-            f"with another model than the config asks for ({changes}); use another "
-            "--workdir, or the checkpoint's own model settings"
-        )
 
 
 def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:

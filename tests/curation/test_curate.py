@@ -442,8 +442,9 @@ def test_embed_texts_truncation_and_errors(tmp_path, tiny_llama):
         )  # fmt: skip
 
 
-def _save_lm_checkpoint(directory, params, step):
-    """A herd LM checkpoint as herd.lm.train writes it: a TrainState with AdamW state."""
+def _save_lm_checkpoint(directory, params, step, model_section=None):
+    """A herd LM checkpoint as herd.lm.train writes it: a TrainState with AdamW state and
+    (if given) the run's config."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -457,40 +458,64 @@ def _save_lm_checkpoint(directory, params, step):
         opt_state=optax.adamw(1e-3).init(params),
         rng=jax.random.key_data(jax.random.key(0)),
     )
-    ckpt = Checkpointer(str(directory / "checkpoints"), async_save=False)
+    config = {"model": model_section} if model_section is not None else None
+    ckpt = Checkpointer(str(directory / "checkpoints"), async_save=False, config=config)
     ckpt.save(step, state)
     ckpt.close()
 
 
 def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
+    """Params alone, onto a mesh of 8 devices in the model's layout; the config travels
+    with the checkpoint; a checkpoint of another model is refused naming its file."""
+    import dataclasses
+
     import jax
 
+    from herd.core import mesh as mesh_lib
     from herd.curation import embed
 
-    _, _, params = tiny_llama
-    _save_lm_checkpoint(tmp_path / "run", params, 5)
-    loaded = embed.load_params(str(tmp_path / "run"))
+    cfg, _, params = tiny_llama
+    model_section = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    _save_lm_checkpoint(tmp_path / "run", params, 5, model_section)
+    assert embed.run_model_config(str(tmp_path / "run")) == cfg
+    mesh = mesh_lib.make_mesh({"fsdp": 4, "tensor": 2})
+    loaded = embed.load_params(str(tmp_path / "run"), cfg, mesh=mesh)
+    wq = loaded["layers"]["attention"]["wq"]
+    assert wq.sharding.mesh == mesh and wq.sharding.spec[1:3] == ("fsdp", "tensor")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = dataclasses.replace(cfg, n_layers=3)
+    with pytest.raises(ValueError, match=r"run/checkpoints/5/config.*n_layers 2 -> 3"):
+        embed.load_params(str(tmp_path / "run"), other)
     with pytest.raises(ValueError, match="no checkpoint step 7"):
-        embed.load_params(str(tmp_path / "run"), step=7)
+        embed.load_params(str(tmp_path / "run"), cfg, step=7)
     with pytest.raises(ValueError, match="does not exist"):
-        embed.load_params(str(tmp_path / "nothing"))
+        embed.load_params(str(tmp_path / "nothing"), cfg)
+    with pytest.raises(ValueError, match="set embed.tokenizer"):
+        embed.run_tokenizer(str(tmp_path / "run"))
 
 
 @pytest.mark.slow
-def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
-    """embed.documents + an LM workdir + its config and tokenizer -> embeddings -> curation."""
+def test_curate_embeds_with_nothing_but_a_herd_lm_workdir(tmp_path, monkeypatch):
+    """herd.lm.train leaves a workdir; curation's embedding needs only that path: the
+    model config comes from the checkpoint, the tokenizer from the workdir."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from herd.core import mesh as mesh_lib
+    from herd.core.checkpoint import restore_params
+    from herd.lm import train
     from herd.lm.model import Llama
     from herd.lm.presets import build_model_config
-    from herd.lm.tokenizer import load_tokenizer, train_tokenizer
+    from herd.lm.tokenizer import load_from_workdir
 
-    lm_config = os.path.join(REPO, "configs", "lm", "tiny.py")
-    mc = build_model_config(load_config(lm_config).model)
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path / "cache"))
+    lm_cfg = load_config(
+        "configs/lm/tiny.py", ["train.steps=2", "train.sample_tokens=0", "train.eval_every=0"]
+    )
+    train.run(lm_cfg, str(tmp_path / "lm"))
+    mc = build_model_config(lm_cfg.model)
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(24):
@@ -498,19 +523,10 @@ def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
         if i % 3 == 0:
             body += "# a comment about the weather and the sea\n" * (1 + i % 5)
         (docs / f"doc{i:02d}.txt").write_text(body)
-    tok_path = str(tmp_path / "tok.model")
-    train_tokenizer(sorted(str(p) for p in docs.iterdir()), 320, tok_path)
-    model = Llama(mc)
-    init = jax.jit(model.init)
-    params = nn.meta.unbox(init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    _save_lm_checkpoint(tmp_path / "lm", params, 3)
-
     cfg = _cfg(
         **{
             "embed.documents": str(docs / "*.txt"),
             "embed.checkpoint": str(tmp_path / "lm"),
-            "embed.model_config": lm_config,
-            "embed.tokenizer": tok_path,
             "embed.seq_len": 32,
             "hierarchy.ks": (6, 2),
             "sampling.target_size": 10,
@@ -524,7 +540,18 @@ def test_curate_computes_embeddings_from_a_herd_lm_workdir(tmp_path):
     assert emb.shape == (24, mc.dim) and np.isfinite(emb).all()
     assert summary["input"]["n_documents"] == 24 and summary["n_selected"] == 10
     assert (work / "documents.txt").read_text().split() == sorted(str(p) for p in docs.iterdir())
-    tok = load_tokenizer(tok_path)
+    # the embedding of a document is the mean of the trained model's final hidden states
+    model = Llama(mc)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    rep = mesh_lib.replicated(mesh_lib.make_mesh({"fsdp": -1}))
+    params = restore_params(
+        str(tmp_path / "lm" / "checkpoints"),
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+            nn.meta.unbox(abstract["params"]),
+        ),
+    )
+    tok = load_from_workdir(str(tmp_path / "lm"))
     ids = tok.encode((docs / "doc05.txt").read_text(), bos=True)[:32]
     hidden = model.apply({"params": params}, jnp.asarray([ids], jnp.int32), return_hidden=True)
     np.testing.assert_allclose(emb[5], np.asarray(hidden)[0].mean(0), atol=1e-5, rtol=1e-5)
