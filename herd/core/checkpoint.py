@@ -177,6 +177,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     manager, step = _latest(directory, step)
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    where = os.path.join(manager.directory, str(step), "state")
     try:
         restored = manager.restore(
             step,
@@ -186,6 +187,22 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
                 )
             ),
         )
+    except ValueError as e:  # orbax: a requested shape that is not the stored one
+        raise ValueError(f"{where} does not hold params of the requested shapes: {e}") from None
     finally:
         manager.close()
-    return restored["state"]["params"]
+    params = restored["state"]["params"]
+    # A partial restore hands back the request itself where the checkpoint has no such
+    # param: a model with other (or more) parameters than the one that was saved.
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if not isinstance(x, jax.Array)
+    ]
+    if missing:
+        raise ValueError(
+            f"{where} holds no params {', '.join(missing[:5])}"
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+            + ": it was saved from another model"
+        )
+    return params

@@ -270,3 +270,20 @@ def test_accumulation_equals_one_batch(n_micro):
     # and it really is the token-weighted mean (not the mean of microbatch means)
     s, n, _ = _masked_nll(params, batch, None, None)
     np.testing.assert_allclose(loss1, s / n, rtol=1e-6)
+
+
+def test_params_only_restore_refuses_another_model(tmp_path):
+    _, _, abstract, jinit, _, rng = _setup()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(1, jinit(rng))
+    ckpt.close()
+    more = {**abstract.params, "head2": abstract.params["head"]}
+    with pytest.raises(ValueError, match=r"1/state holds no params \['head2'\]"):
+        restore_params(str(tmp_path / "ckpt"), more)
+    kernel = abstract.params["head"]["kernel"]
+    wider = jax.ShapeDtypeStruct((HIDDEN, CLASSES + 1), kernel.dtype, sharding=kernel.sharding)
+    other = {**abstract.params, "head": {**abstract.params["head"], "kernel": wider}}
+    with pytest.raises(ValueError, match="does not hold params of the requested shapes"):
+        restore_params(str(tmp_path / "ckpt"), other)
+    with pytest.raises(FileNotFoundError, match="no checkpoint step 7"):
+        restore_params(str(tmp_path / "ckpt"), abstract.params, step=7)
