@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
             "tokenizer_train_files": 400,  # files used to train that tokenizer (0 = all)
             "seq_len": 256,
             "global_batch_size": 16,  # sequences per step, all processes together
-            # later batch shapes, 'TOKENS:BATCHxSEQ,...' (herd.lm.data.batch_stages); '' = none
+            # later batch shapes, 'TOKENS:BATCHxSEQ,...' (herd.lm.ramp.batch_stages); '' = none
             "batch_ramp": "",
             "seed": 0,
             "worker_count": 0,
@@ -120,12 +120,12 @@ def pod_config(
     """A published pre-training recipe for a pod (bf16 compute, float32 params).
 
     ``batch_tokens`` / ``seq_len`` is the first batch shape; ``batch_ramp`` the later ones
-    (herd.lm.data.batch_stages). Training stops once ``train_tokens`` are seen; the
+    (herd.lm.ramp.batch_stages). Training stops once ``train_tokens`` are seen; the
     learning-rate schedule spans ``schedule_steps`` when the paper states it, else that
     many steps. The corpus and tokenizer are the user's: set --config.data.source,
     .eval_source and .tokenizer (an empty source is refused before anything compiles).
     """
-    from herd.lm.data import batch_stages, steps_for_tokens
+    from herd.lm.ramp import batch_stages, steps_for_tokens
 
     c = base_config()
     c.model.preset = preset

@@ -55,10 +55,12 @@ from herd.core import mesh as mesh_lib
 from herd.core import step as step_lib
 from herd.core.checkpoint import Checkpointer
 from herd.core.config import run_entry
+from herd.core.data import stage_at
 from herd.core.loop import TrainState, train_loop
 from herd.core.metrics import MetricsWriter, ProgressBar, cache_dir, matmul_peak_flops
 from herd.core.optim import make_optimizer
 from herd.lm import data as data_lib
+from herd.lm import ramp as ramp_lib
 from herd.lm import tokenizer as tok_lib
 from herd.lm.attention import check_attention_config
 from herd.lm.loss import chunked_cross_entropy
@@ -88,7 +90,7 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
     """Raises ValueError naming the bad value before anything is compiled.
 
-    Returns the batch stages (herd.lm.data.BatchStage; one unless data.batch_ramp is set),
+    Returns the batch stages (herd.lm.ramp.BatchStage; one unless data.batch_ramp is set),
     each of which is checked like the first.
     """
     seq_len = int(cfg.data.seq_len)
@@ -101,7 +103,7 @@ def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
     chunk = cfg.train.get("vocab_chunk") or 0
     if chunk < 0:
         raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
-    stages = data_lib.batch_stages(
+    stages = ramp_lib.batch_stages(
         cfg.data.get("batch_ramp") or "", int(cfg.data.global_batch_size), seq_len
     )
     for i, stage in enumerate(stages):
@@ -550,10 +552,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         return {"eval_loss": total / max(count, 1.0)}
 
     def tokens_per_step(step):
-        return data_lib.stage_at(stages, step).tokens_per_step
+        return stage_at(stages, step).tokens_per_step
 
     def flops_per_step(step):
-        stage = data_lib.stage_at(stages, step)
+        stage = stage_at(stages, step)
         return flops_per_token(model_config, stage.seq_len) * stage.tokens_per_step
 
     peak = matmul_peak_flops(model_config.dtype)

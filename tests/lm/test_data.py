@@ -9,6 +9,7 @@ import pytest
 
 from herd.core import data as cd
 from herd.lm import data as dl
+from herd.lm import ramp as ramp_lib
 from herd.lm import tokenizer as tl
 
 
@@ -518,7 +519,7 @@ def _brute_force_starts(ramp, batch, seq, steps):
 
 def test_batch_stages_llama3_405b_ramp():
     ramp = "252e6:1024x8192,2.87e12:2048x8192"
-    stages = dl.batch_stages(ramp, 1024, 4096)
+    stages = ramp_lib.batch_stages(ramp, 1024, 4096)
     # 252M tokens at 4,194,304 per step: 60.08 steps -> the switch at step 61
     assert [(s.start_step, s.global_batch, s.seq_len) for s in stages] == [
         (0, 1024, 4096),
@@ -529,15 +530,15 @@ def test_batch_stages_llama3_405b_ramp():
     assert cd.stage_at(stages, 60).seq_len == 4096 and cd.stage_at(stages, 61).seq_len == 8192
     # a small ramp against step-by-step token counting, boundaries and budget included
     ramp = "100:4x8,150:2x4,1000:8x16"
-    stages = dl.batch_stages(ramp, 2, 16)
+    stages = ramp_lib.batch_stages(ramp, 2, 16)
     shapes, _ = _brute_force_starts(ramp, 2, 16, 40)
     assert [(cd.stage_at(stages, i).global_batch, cd.stage_at(stages, i).seq_len)
             for i in range(40)] == shapes  # fmt: skip
     for budget in (1, 32, 100, 150, 999, 1000, 3000):
-        n = dl.steps_for_tokens(stages, budget)
+        n = ramp_lib.steps_for_tokens(stages, budget)
         assert _brute_force_starts(ramp, 2, 16, n)[1] >= budget
         assert _brute_force_starts(ramp, 2, 16, n - 1)[1] < budget
-    assert len(dl.batch_stages("", 8, 64)) == 1
+    assert len(ramp_lib.batch_stages("", 8, 64)) == 1
 
 
 @pytest.mark.parametrize(
@@ -552,7 +553,7 @@ def test_batch_stages_llama3_405b_ramp():
 )
 def test_batch_ramp_bad_spec(ramp, match):
     with pytest.raises(ValueError, match=match):
-        dl.batch_stages(ramp, 8, 64)
+        ramp_lib.batch_stages(ramp, 8, 64)
 
 
 def _staged_run(make, stages, n):
@@ -580,7 +581,7 @@ def test_staged_iterator_switches_shape_without_losing_a_token(tmp_path):
     paths = write_docs(tmp_path, doc_texts(40, seed=5, max_len=120))
     kw = dict(seed=3, shard_index=0, shard_count=1, read_threads=1)
     # 2 x 16 tokens for 3 steps, then 4 x 32 for 2, then 1 x 8
-    stages = dl.batch_stages("96:4x32,352:1x8", 2, 16)
+    stages = ramp_lib.batch_stages("96:4x32,352:1x8", 2, 16)
     assert [s.start_step for s in stages] == [0, 3, 5]
 
     def make(stage):
@@ -627,7 +628,7 @@ def test_grain_workers_see_every_token_once_and_resume_through_a_ramp(tmp_path):
         want.update(zip(d[:-1].tolist(), d[1:].tolist(), strict=True))
     assert got == want
 
-    stages = dl.batch_stages("96:4x32,352:1x8", 2, 16)
+    stages = ramp_lib.batch_stages("96:4x32,352:1x8", 2, 16)
     opened = []
 
     def make(stage):

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from herd.core import mesh as mesh_lib
 from herd.core.config import config_path, load_config
 from herd.core.optim import make_optimizer
-from herd.lm import data as data_lib
+from herd.lm import ramp as ramp_lib
 from herd.lm import train
 from herd.lm.model import Llama, LlamaConfig
 from herd.lm.presets import build_model_config
@@ -68,11 +68,11 @@ def test_every_config_file_builds():
     big = load_config("configs/lm/llama3_1_405b.py")
     assert big.optim.lr == 8e-5
     # sec. 3.4.1: the cosine spans 1.2M steps; 15.6T tokens through the ramp end sooner
-    stages = data_lib.batch_stages(big.data.batch_ramp, big.data.global_batch_size, 4096)
+    stages = ramp_lib.batch_stages(big.data.batch_ramp, big.data.global_batch_size, 4096)
     assert [s.tokens_per_step for s in stages] == [4 * 2**20, 8 * 2**20, 16 * 2**20]
     assert [s.seq_len for s in stages] == [4096, 8192, 8192]
     assert big.train.steps == 1_200_000
-    assert big.train.stop_after == data_lib.steps_for_tokens(stages, 15.6e12) == 1_100_929
+    assert big.train.stop_after == ramp_lib.steps_for_tokens(stages, 15.6e12) == 1_100_929
     default = build_model_config(load_config("configs/lm/default.py").model)
     assert default.rope_theta == 5e5 and default.n_kv_heads < default.n_heads
 
