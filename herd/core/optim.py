@@ -3,13 +3,13 @@
 Domain-free: every trainer builds its optimiser here from a config mapping with
 `make_optimizer(optim_cfg, total_steps, steps_per_epoch=None) -> (tx, schedule)`.
 
-- 'adamw', the Llama recipe (LLaMA 1 sec. 2.2, Llama 2 sec. 2.2, Llama 3 sec. 3.4.1;
-  RECIPES.md "Pre-training recipe"): beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1,
+- 'adamw', the Llama recipe (LLaMA 1 sec. 2.2, Llama 2 sec. 2.2, Llama 3 sec. 3.4.1):
+  beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1,
   global gradient-norm clipping at 1.0, linear warmup from 0 then cosine to 10% of the
   peak. Decay applies to every matrix (embeddings and output head included, as in Meta's
   code) and not to norm scales or biases. Preset: `LLAMA_ADAMW`.
-- 'lamb', the DeiT III recipe (RECIPES.md "DeiT III", ImageNet-1k recipe; the official
-  code uses timm's `Lamb`). Preset: `DEIT3_LAMB`.
+- 'lamb', the DeiT III recipe (Touvron et al. 2022, "DeiT III: Revenge of the ViT",
+  Table 1, ImageNet-1k; the official code uses timm's `Lamb`). Preset: `DEIT3_LAMB`.
 - 'sgd': momentum (PyTorch semantics, optional Nesterov), weight decay coupled as L2.
 
 Masks and rules are regexes searched in '/'-joined parameter paths ('blocks_3/attn/qkv/
@@ -57,7 +57,7 @@ DEFAULT_NO_DECAY = r"(^|/)([^/]*norm[^/]*|scale|bias)(/|$)"
 # `no_weight_decay()` in the official code); LayerScale gammas are 1-D, so the rank rule.
 DEIT3_NO_DECAY = r"(^|/)(pos_embed|cls_token|dist_token|[^/]*norm[^/]*|scale|bias)(/|$)"
 
-# RECIPES.md, Llama family, "Pre-training recipe" (peak lr of the 7B/8B/13B models).
+# LLaMA 1 / Llama 2 sec. 2.2, Llama 3 sec. 3.4.1 (peak lr of the 7B/8B/13B models).
 LLAMA_ADAMW = dict(
     optimizer="adamw",
     schedule="warmup_cosine",
@@ -71,7 +71,7 @@ LLAMA_ADAMW = dict(
     clip_norm=1.0,
 )
 
-# RECIPES.md, DeiT III, ImageNet-1k recipe (batch 2048): LAMB, lr 3e-3 (B/L/H; S uses
+# DeiT III Table 1, ImageNet-1k recipe (batch 2048): LAMB, lr 3e-3 (B/L/H; S uses
 # 4e-3), wd 0.05, global clip 1.0, 5 warmup epochs from 1e-6, per-epoch cosine to 1e-5.
 # The cosine clock starts at epoch 0 (timm's CosineLRScheduler, warmup_prefix=False).
 # betas are timm Lamb's defaults; eps 1e-8 is the DeiT code's --opt-eps default (verify).
@@ -252,7 +252,8 @@ def decay_mask(params: Any, no_decay: str = DEFAULT_NO_DECAY, stacked: str | Non
 def frozen_mask(params: Any, frozen: str | None = None, trainable: str | None = None) -> Any:
     """True for frozen params: those matching `frozen`, or (if given) not matching `trainable`.
 
-    Attention-only fine-tuning (RECIPES.md, DeiT III, "Three things" (2)):
+    Attention-only fine-tuning ("Three things everyone should know about Vision
+    Transformers", Touvron et al. 2022, the second thing):
     trainable=r'(^|/)(attn|head|pos_embed)(/|$)'.
     """
     is_frozen, is_trainable = _search(frozen), _search(trainable)

@@ -15,7 +15,7 @@ import ml_collections
 from herd.lm.model import LlamaConfig
 
 # Meta's params.json values (multiple_of / ffn_dim_multiplier) so the FFN width is derived
-# exactly as in the reference code; tests check the derived widths against RECIPES.md.
+# exactly as in the reference code; tests check the derived widths against the papers' tables.
 # optimizer_eps: 1e-5 is stated by the Llama 2 paper; LLaMA 1, Code Llama and Llama 3 do
 # not state it and the same value is used (the train config may override it).
 _L31_SCALING = {

@@ -13,7 +13,7 @@ pieces allowed) and ``"\\n"`` as a user-defined piece, so that ``decode(encode(t
 exactly for any text (indentation, tabs, CRLF, trailing blanks, blank lines, non-ASCII, even the
 literal ``"\\u2581"`` that SentencePiece uses as its space marker: see ``exact``).
 
-Public API (also listed in /work/spec/INTERFACES.md)::
+Public API::
 
     class Tokenizer(Protocol): vocab_size, bos_id, eos_id, pad_id,
         encode(text, bos=False, eos=False) -> list[int]; decode(ids) -> str

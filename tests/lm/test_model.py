@@ -66,7 +66,7 @@ def _tokens(cfg, b=2, t=16, seed=1):
 
 # --------------------------------------------------------------------------- presets
 
-# Published totals (RECIPES.md) where given; otherwise the well-known totals:
+# Published totals (the papers' model tables) where given; otherwise the well-known totals:
 # LLaMA 1 paper sizes 6.7B/13.0B/32.5B/65.2B (7B: 6.74B as Llama 2-7B), Code Llama = the
 # Llama 2 shapes plus 16 extra vocabulary rows (x2 for embedding and head) for 7B/13B/70B,
 # and 33.7B for Code Llama 34B (its HF checkpoint size).
@@ -90,7 +90,7 @@ PUBLISHED = {
     "llama3.2-1b": 1.24e9,
     "llama3.2-3b": 3.21e9,
 }
-# FFN widths of the RECIPES.md table: the presets derive them with Meta's rule.
+# FFN widths of the released checkpoints (intermediate_size in their HF configs): the presets derive them with Meta's rule.
 FFN = {
     "llama1-7b": 11008,
     "llama1-13b": 13824,
