@@ -90,7 +90,8 @@ PUBLISHED = {
     "llama3.2-1b": 1.24e9,
     "llama3.2-3b": 3.21e9,
 }
-# FFN widths of the released checkpoints (intermediate_size in their HF configs): the presets derive them with Meta's rule.
+# FFN widths of the released checkpoints (intermediate_size in their HF configs); the
+# presets derive them with Meta's rule.
 FFN = {
     "llama1-7b": 11008,
     "llama1-13b": 13824,
