@@ -30,6 +30,13 @@ other arguments (a rerun resumes the tree only when the input's path, size, mtim
 hash of sampled rows match; see herd.curation.hierarchical.input_identity). Rows with
 NaN/inf are excluded and counted (in the log and in summary.json).
 
+Several processes (``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``,
+or a cluster launcher; see herd.core.distributed) run one curation: every process reads
+the same input and computes (each k-means runs over the devices of all processes), and
+process 0 alone prints and writes the outputs into ``--workdir`` (a filesystem that every
+process reads), so the workdir holds the outputs of one run, identical to those of one
+process over as many devices.
+
 Resampling is counted as herd's ``hierarchy.resampling_steps``: the k-means runs of a
 level, the first included; the paper's m (Vo et al. 2024, Alg. 1) counts the rounds after
 it. The log and summary.json give the rounds that ran per level.
@@ -51,6 +58,25 @@ DEFAULT_CONFIG = "curation/default.py"
 DEFAULT_WORKDIR = "./workdir/curation"
 DTYPES = ("float32", "float64")
 SCAN_ROWS = 1 << 18  # rows per chunk when scanning a memmap for NaN/inf
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def is_main_process() -> bool:
+    from herd.curation.hierarchical import is_main_process as main
+
+    return main()
+
+
+def sync_processes(name: str) -> None:
+    from herd.curation.hierarchical import sync_processes as sync
+
+    sync(name)
+
+
+def _silent(_msg: str) -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------- checks
@@ -185,7 +211,8 @@ def _load_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
         x, labels = make_long_tailed_mixture(seed=int(cfg.seed), **dict(inp.synthetic_kw))
         return x, dict(source="synthetic:long_tail", synthetic_labels=labels)
     if cfg.embed.get("documents"):
-        os.makedirs(workdir, exist_ok=True)  # the embeddings are written there
+        if is_main_process():
+            os.makedirs(workdir, exist_ok=True)  # the embeddings are written there
         return _compute_embeddings(cfg, workdir, say)
     raise ValueError(
         "nothing to curate: set input.embeddings to an .npy file, input.synthetic to "
@@ -214,11 +241,15 @@ def _save_if_changed(path: str, arr: np.ndarray) -> bool:
 
 
 def _save_synthetic(x, labels, workdir: str, say) -> tuple[np.ndarray, str]:
-    """Writes the synthetic mixture into workdir; returns (its memmap, the labels path)."""
+    """Writes the synthetic mixture into workdir (process 0); returns (its memmap, the
+    labels path) once every process can read it."""
     out = os.path.join(workdir, "embeddings.npy")
     lab = os.path.join(workdir, "labels.npy")
-    _save_if_changed(out, x)
-    _save_if_changed(lab, labels)
+    if is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        _save_if_changed(out, x)
+        _save_if_changed(lab, labels)
+    sync_processes("herd.curation.curate.synthetic_saved")  # the others read it next
     say(f"synthetic long-tailed mixture: {x.shape} -> {out}")
     return np.load(out, mmap_mode="r"), lab
 
@@ -296,10 +327,11 @@ def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
         seq_len=int(e.seq_len),
         batch_size=int(e.batch_size),
     )
-    with open(os.path.join(workdir, "documents.txt"), "w") as f:
-        f.write("\n".join(names) + "\n")
-    with open(info_path, "w") as f:
-        json.dump(dict(key=key, info=info), f)
+    if is_main_process():  # embed_texts wrote the embeddings (process 0) and synced
+        with open(os.path.join(workdir, "documents.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
+        with open(info_path, "w") as f:
+            json.dump(dict(key=key, info=info), f)
     return x, dict(source=f"embed:{e.documents}", **info)
 
 
@@ -358,17 +390,25 @@ def _balance_stats(tree, selected) -> dict:
     )
 
 
-def curate(cfg, workdir: str, *, say=print) -> dict:
+def curate(cfg, workdir: str, *, say=print, mesh=None) -> dict:
     """Runs one curation as ``cfg`` says; writes the outputs into ``workdir``; returns the
     summary (also written to ``workdir/summary.json``).
 
     Every check (config, embeddings, labels, sizes, whether the tree in ``workdir/tree``
-    may be resumed) runs before the first output file is written."""
+    may be resumed) runs before the first output file is written. ``mesh``: the devices of
+    the k-means (default: see herd.curation.hierarchical.hierarchical_kmeans).
+
+    With several jax.distributed processes every process runs this with the same config
+    and returns the same summary; process 0 alone calls ``say`` and writes files, and all
+    return once the outputs are written."""
     from herd.curation.hierarchical import check_resume, hierarchical_kmeans, resampling_rounds
     from herd.curation.sampling import balanced_sample, points_per_cluster
 
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
+    main = is_main_process()
+    if not main:  # every process computes; process 0 alone reports and writes
+        say = _silent
     check_hierarchy(cfg.hierarchy)  # config errors before reading anything
     x, source = _load_embeddings(cfg, workdir, say)
     synthetic_labels = source.pop("synthetic_labels", None)
@@ -403,18 +443,18 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
                 f"(seed or input.synthetic_kw changed); use a new workdir, or delete "
                 f"{tree_dir} to recompute the tree"
             )
-        os.makedirs(workdir, exist_ok=True)
         x, source["labels"] = _save_synthetic(x, synthetic_labels, workdir, say)
         if labels is None:
             labels, labels_path = synthetic_labels, source["labels"]
     check_resume(tree_dir, x, hk["ks"], **tree_args)  # other input or arguments: refused
 
-    os.makedirs(workdir, exist_ok=True)
-    if bad.size:
-        msg = f"excluding {bad.size} of {n} rows holding NaN/inf (first: {bad[:10].tolist()})"
-        log.warning(msg)
-        say(msg)
-    np.save(os.path.join(workdir, "excluded_indices.npy"), bad)
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+        np.save(os.path.join(workdir, "excluded_indices.npy"), bad)
+        if bad.size:
+            msg = f"excluding {bad.size} of {n} rows holding NaN/inf (first: {bad[:10].tolist()})"
+            log.warning(msg)
+            say(msg)
     steps_sizes = zip(hk["resampling_steps"], hk["sample_sizes"], strict=True)
     rounds = [resampling_rounds(s, r) for s, r in steps_sizes]
     say(
@@ -427,7 +467,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
 
     t1 = time.perf_counter()
     tree = hierarchical_kmeans(
-        x, hk["ks"], workdir=tree_dir, verbose=True, say=say, **tree_args
+        x, hk["ks"], workdir=tree_dir, mesh=mesh, verbose=True, say=say, **tree_args
     )  # fmt: skip
     t_cluster = time.perf_counter() - t1
     runs = tree.meta.get("level_runs") or [{} for _ in tree.levels]
@@ -439,14 +479,16 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
         raise AssertionError("a non-finite row was selected")
 
     paths = dict(selected=os.path.join(workdir, "selected_indices.npy"))
-    np.save(paths["selected"], selected)
+    if main:
+        np.save(paths["selected"], selected)
     pts = points_per_cluster(tree)
     levels = []
     for i, lv in enumerate(tree.levels):
         cpath = os.path.join(workdir, f"centroids_level{i}.npy")
         apath = os.path.join(workdir, f"assignment_level{i}.npy")
-        np.save(cpath, lv.centroids)
-        np.save(apath, lv.assignment)
+        if main:
+            np.save(cpath, lv.centroids)
+            np.save(apath, lv.assignment)
         sizes = pts[i]
         levels.append(
             dict(
@@ -466,7 +508,7 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
                 assignment=apath,
             )
         )
-    if cfg.get("plots", True):
+    if cfg.get("plots", True) and main:
         from herd.curation import plots
 
         paths["cluster_sizes_png"] = plots.plot_cluster_sizes(
@@ -513,8 +555,10 @@ def curate(cfg, workdir: str, *, say=print) -> dict:
     )
     if labels is not None:
         summary["labels"] = dict(path=labels_path, **_label_stats(labels, selected, int(cfg.seed)))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    if main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    sync_processes("herd.curation.curate.written")  # every process returns after the writes
     summary["outputs"]["summary"] = os.path.join(workdir, "summary.json")
     say(
         f"selected {selected.size} points in {summary['seconds']['total']:.1f}s "
@@ -551,7 +595,11 @@ def run_demo(cfg, workdir: str, *, say=print) -> dict:
     from herd.curation import experiments, plots
 
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    main = is_main_process()
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+    else:  # every process computes; process 0 alone reports and writes
+        say = _silent
     dm = cfg.demo
     say("2-D experiment (Vo et al. 2024): 7000 N([-1,-1]), 1000 N([1,-1]), 500 N([0,1]), "
         f"500 uniform; ks {list(dm.ks)}, points per cluster {list(dm.sample_sizes)}, "
@@ -564,7 +612,9 @@ def run_demo(cfg, workdir: str, *, say=print) -> dict:
         resampling_steps=int(dm.resampling_steps),
         n_iters=int(dm.n_iters),
     )
-    png = plots.plot_2d_experiment(r, os.path.join(workdir, "2d_experiment.png"))
+    png = os.path.join(workdir, "2d_experiment.png")
+    if main:
+        plots.plot_2d_experiment(r, png)
     kl = {k: round(r[k], 4) for k in ("kl_flat", "kl_hierarchical", "kl_bound")}
     say(
         f"  KL(KDE of {dm.ks[-1]} centroids || uniform): flat k-means {kl['kl_flat']:.3f}, "
@@ -573,8 +623,9 @@ def run_demo(cfg, workdir: str, *, say=print) -> dict:
         f"[{time.perf_counter() - t0:.0f}s]"
     )
     say(f"  plot: {png}")
-    with open(os.path.join(workdir, "2d_experiment.json"), "w") as f:
-        json.dump(kl, f, indent=1)
+    if main:
+        with open(os.path.join(workdir, "2d_experiment.json"), "w") as f:
+            json.dump(kl, f, indent=1)
 
     say("long-tailed mixture: 100 Gaussian concepts with Zipf sizes, curated to 10%")
     lt = curate(cfg.long_tail, os.path.join(workdir, "long_tail"), say=lambda s: say("  " + s))

@@ -22,6 +22,8 @@ __all__ = [
     "check_resume",
     "hierarchical_kmeans",
     "input_identity",
+    "is_main_process",
+    "sync_processes",
 ]
 
 _FORMAT_VERSION = 1
@@ -160,6 +162,26 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints: process 0 of a jax.distributed run
+    (every process computes; the collectives need all of them), or the only process."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a jax.distributed run (nothing with one process):
+    placed where a process > 0 reads what process 0 wrote, or where process 0 may write
+    only after every process has read."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _seed(*parts) -> int:
@@ -343,8 +365,14 @@ def hierarchical_kmeans(
         which records the arguments and :func:`input_identity` of x) and a rerun resumes
         after the last finished level. A rerun with other arguments or other input (path,
         size, mtime or sampled content) is refused with a ValueError naming what differs.
+      mesh: the devices of every k-means (see herd.curation.kmeans); default: chosen per
+        k-means by its size with one process, every device of every process with several.
       say: where progress lines go (default: ``print`` when verbose, else nowhere);
         resuming always says "resuming level N from DIR".
+
+    With several jax.distributed processes every process passes the same x and gets the
+    same tree; only process 0 says anything and writes ``workdir``, after every process
+    has read what it resumes from.
 
     Returns: a :class:`ClusterTree`.
     """
@@ -352,8 +380,18 @@ def hierarchical_kmeans(
         x, ks, resampling_steps, sample_sizes, n_iters=n_iters, seed=seed,
         split_first=split_first, sample_strategy=sample_strategy, dtype=dtype,
     )  # fmt: skip
-    if say is None:
+    main = is_main_process()
+    if not main:  # every process computes; process 0 alone reports and writes
+        say = lambda m: None  # noqa: E731
+    elif say is None:
         say = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)
+    if mesh is None:
+        import jax
+
+        if jax.process_count() > 1:  # each k-means over every process's devices
+            from herd.curation.kmeans import default_mesh
+
+            mesh = default_mesh()
     ks, steps, sizes = config["ks"], config["resampling_steps"], config["sample_sizes"]
     n_levels = len(ks)
     kw = dict(mesh=mesh, dtype=dtype)
@@ -366,6 +404,8 @@ def hierarchical_kmeans(
     if workdir is not None:
         meta["input"] = input_identity(x)
         levels, runs, saved_complete = _resume(workdir, config, meta["input"])
+        # Every process has read the saved tree before process 0 writes a level into it.
+        sync_processes("herd.curation.hierarchical_kmeans.resumed")
         if levels:
             say(f"resuming level {len(levels)} from {workdir} ({len(levels)} of {n_levels} "
                 "levels already done)")  # fmt: skip
@@ -398,11 +438,11 @@ def hierarchical_kmeans(
         if verbose:
             say(f"hierarchical_kmeans: level {i} done: k={level.k}, the first k-means + "
                 f"{rounds} resampling rounds")  # fmt: skip
-        if workdir is not None:
+        if workdir is not None and main:
             partial = ClusterTree(levels, x.shape[0], dict(meta, level_runs=runs, complete=False))
             partial.save(workdir, levels=[i])
     tree = ClusterTree(levels, x.shape[0], dict(meta, level_runs=runs, complete=True))
-    if workdir is not None and not (n_resumed == n_levels and saved_complete):
+    if workdir is not None and main and not (n_resumed == n_levels and saved_complete):
         tree.save(workdir, levels=[])
     return tree
 
