@@ -45,16 +45,20 @@ ROPE_SCALING = {
 }
 
 
-def _run_harness(args, cwd=REPO):
+def _run_python(code, args, cwd=REPO):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-c", HARNESS, *args],
+        [sys.executable, "-c", code, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def _run_harness(args, cwd=REPO):
+    return _run_python(HARNESS, args, cwd)
 
 
 def _leaves(cfg, prefix=""):
@@ -151,15 +155,7 @@ run_entry(run, "lm/tiny.py", "/tmp/herd-test-workdir", "workdir")
 
 
 def _run_entry(args, cwd=REPO):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-c", ENTRY, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return _run_python(ENTRY, args, cwd)
 
 
 def _one_line_error(out, *needles):
