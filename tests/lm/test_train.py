@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from herd.core import mesh as mesh_lib
+from herd.core.checkpoint import read_config
 from herd.core.config import config_path, load_config
 from herd.core.optim import make_optimizer
 from herd.lm import ramp as ramp_lib
@@ -280,4 +281,20 @@ def test_command_line_entry(tmp_path):
         text=True,
         timeout=600,
     )
-    assert bad.returncode != 0 and "stpes" in bad.stderr
+    assert bad.returncode == 2 and "stpes" in bad.stderr
+    # the workdir keeps the run's tokenizer and, with each checkpoint, its config ...
+    assert len(os.listdir(tmp_path / "w" / "tokenizer")) == 1
+    assert read_config(str(tmp_path / "w" / "checkpoints"))["model"]["dim"] == 64
+    # ... so a resume with another model is refused, naming the checkpoint's config file,
+    # in one line (no traceback) before anything compiles
+    other = subprocess.run(
+        cmd + ["--config.model.dim=128"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "checkpoints/2/config was trained with another model" in other.stderr
+    assert "dim 64 -> 128" in other.stderr and "Traceback" not in other.stderr
