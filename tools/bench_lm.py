@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from herd.core import mesh as mesh_lib  # noqa: E402
 from herd.core.optim import make_optimizer  # noqa: E402
-from herd.lm.model import Llama, LlamaConfig  # noqa: E402
+from herd.lm.config import LlamaConfig  # noqa: E402
+from herd.lm.model import Llama  # noqa: E402
 from herd.lm.train import (  # noqa: E402
     _loss_fn,
     flops_per_token,

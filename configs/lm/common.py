@@ -2,7 +2,7 @@
 
 `base_config()` lists every field `python -m herd.lm.train` reads (so any of them can be
 overridden with --config.key=value); `pod_config(...)` fills in a published recipe:
-a model preset from herd.lm.model plus the paper's optimiser, batch and length.
+a model preset from herd.lm.presets plus the paper's optimiser, batch and length.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# Fields of herd.lm.model.LlamaConfig a config may set, with the dataclass's types: each is
+# Fields of herd.lm.config.LlamaConfig a config may set, with the dataclass's types: each is
 # a typed placeholder, so --config.model.X=value parses as that type and
 # --config.model.X=none unsets it again; unset (None) = the preset's (or the class's)
 # default. optimizer_eps is optim.eps.
@@ -47,7 +47,7 @@ def _placeholders(types: dict) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = _placeholders({"preset": str, **MODEL_FIELDS})  # preset: herd.lm.model presets
+    c.model = _placeholders({"preset": str, **MODEL_FIELDS})  # preset: herd.lm.presets
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.data = ml_collections.ConfigDict(
         {

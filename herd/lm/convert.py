@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from herd.lm.model import _ROPE_SCALING_KEYS, LlamaConfig
+from herd.lm.config import ROPE_SCALING_KEYS, LlamaConfig
 
 
 def _layer_keys(params):
@@ -73,7 +73,7 @@ def config_from_hf(hf_config, **overrides) -> LlamaConfig:
     old_scaling = d.get("rope_scaling") or {}
     src = rope if rope.get("rope_type") == "llama3" else old_scaling
     if src.get("rope_type", src.get("type")) == "llama3":
-        scaling = {k: src[k] for k in _ROPE_SCALING_KEYS}
+        scaling = {k: src[k] for k in ROPE_SCALING_KEYS}
     hd = d.get("head_dim")
     if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
         raise ValueError(f"head_dim={hd} != hidden_size / num_attention_heads: not supported")

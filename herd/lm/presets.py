@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from herd.lm.model import LlamaConfig
+from herd.lm.config import LlamaConfig
 
 # Meta's params.json values (multiple_of / ffn_dim_multiplier) so the FFN width is derived
 # exactly as in the reference code; tests check the derived widths against the papers' tables.

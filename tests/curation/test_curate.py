@@ -371,7 +371,8 @@ def tiny_llama():
     import jax
     import jax.numpy as jnp
 
-    from herd.lm.model import Llama, LlamaConfig
+    from herd.lm.config import LlamaConfig
+    from herd.lm.model import Llama
 
     cfg = LlamaConfig(
         dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=64

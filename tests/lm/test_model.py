@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from herd.lm.config import REMAT_POLICIES, LlamaConfig
 from herd.lm.convert import (
     config_from_hf,
     meta_to_hf_qk,
@@ -26,9 +27,7 @@ from herd.lm.convert import (
 )
 from herd.lm.loss import chunked_cross_entropy
 from herd.lm.model import (
-    REMAT_POLICIES,
     Llama,
-    LlamaConfig,
     apply_rope,
     output_embedding,
     rope_cos_sin,

@@ -19,7 +19,8 @@ from herd.core.config import config_path, load_config
 from herd.core.optim import make_optimizer
 from herd.lm import ramp as ramp_lib
 from herd.lm import train
-from herd.lm.model import Llama, LlamaConfig
+from herd.lm.config import LlamaConfig
+from herd.lm.model import Llama
 from herd.lm.presets import build_model_config
 from herd.lm.sharding import LM_RULES
 
