@@ -24,7 +24,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "array_record>=0.5"],
+        # scikit-learn for its handwritten digits: real data that ships with a package
+        # (the core's non-LM training test, vision's embedded default).
+        "test": ["pytest>=8", "ruff>=0.6", "array_record>=0.5", "scikit-learn>=1.4"],
         # Live parity tests and benchmarks against the peers. torch is pinned: that
         # version is a CPU build on the project's machines; an unpinned torch pulls a
         # multi-GB CUDA build.

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn import datasets
 
 from herd.core import mesh as mesh_lib
 from herd.core import step as step_lib
 from herd.core.checkpoint import Checkpointer, abstract_like, read_config, restore_params
 from herd.core.loop import TrainState, train_loop
 from herd.core.optim import make_optimizer
-
-datasets = pytest.importorskip("sklearn.datasets")
 
 BATCH, HIDDEN, CLASSES = 64, 32, 10
 # The classifier's own logical axis name, added to the core's generic ones.
