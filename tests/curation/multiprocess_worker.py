@@ -21,6 +21,13 @@ def rows():
     return x
 
 
+def medium_rows():
+    """Few enough elements for k-means' one-device default, too much work for the host."""
+    import numpy as np
+
+    return np.random.default_rng(12).normal(size=(120_000, 8))
+
+
 def main():
     port, n_proc, pid, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     import jax
@@ -38,6 +45,9 @@ def main():
     ring = kmeans(x, 9, 4, seed=4, mesh=mesh, dtype=np.float64, return_inertia=True,
                   max_replicated_centroid_bytes=0)  # fmt: skip
     c, idx, pot = kmeans_plusplus(x, 9, 5, mesh=mesh, dtype=np.float64, return_info=True)
+    # no mesh: a medium input runs on each process's own first device, alone
+    alone = kmeans(medium_rows(), 40, 3, seed=2, dtype=np.float64)
+    np.save(f"{out}.alone{pid}.npy", alone[1])
     if pid == 0:
         np.savez(
             out, centroids=res[0], assignment=res[1], inertia=res[2], n_invalid=res.n_invalid,

@@ -33,3 +33,8 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(got["ring_centroids"], ring[0], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got["kpp_index"], idx)
     assert abs(float(got["kpp_potential"]) - pot) <= 1e-10 * pot
+    # without a mesh, a medium input runs on each process's own device: the same result
+    # on both processes as on one device here
+    alone = km.kmeans(worker.medium_rows(), 40, 3, seed=2, dtype=np.float64)
+    for pid in range(2):
+        np.testing.assert_array_equal(np.load(f"{out}.alone{pid}.npy"), alone[1])

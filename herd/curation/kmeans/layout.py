@@ -53,7 +53,10 @@ def _pick_mesh(mesh, x) -> Mesh:
     if mesh is not None:
         return mesh
     if x.shape[0] * x.shape[1] <= SMALL_INPUT_ELEMENTS:
-        return default_mesh(jax.devices()[:1])
+        # this process's own first device: in a multi-process job every process then
+        # computes the same result alone (jax.devices()[0] is process 0's, which the
+        # others cannot address)
+        return default_mesh(jax.local_devices()[:1])
     return default_mesh()
 
 
@@ -133,7 +136,7 @@ def _validate(x, k: int | None):
 
 
 def _to_host(arr) -> np.ndarray:
-    if jax.process_count() == 1:
+    if getattr(arr, "is_fully_addressable", True):  # one process, or this process's devices
         return np.asarray(arr)
     from jax.experimental import multihost_utils
 
