@@ -111,16 +111,34 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
         snapshot = _IteratorSnapshot()
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(snapshot)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+
+        def restore(target):
+            items = {"state": ocp.args.StandardRestore(target)}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(snapshot)
+            return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+        try:
+            state = restore(abstract_state)
+        except ValueError:
+            # Train states saved before TrainState had its `extra` field have no such
+            # entry; one without extra restores from them onto the same fields.
+            fields = _fields_but_empty_extra(abstract_state)
+            if fields is None:
+                raise
+            try:
+                state = abstract_state.replace(**restore(fields))
+            except ValueError:
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory} does not match the train "
+                    "state asked for (another model or optimiser?)"
+                ) from None
         if data_iter is not None:
             if not snapshot.state:
                 raise ValueError(f"checkpoint step {step} in {self.directory} has no data state")
             data_iter.set_state(json.loads(snapshot.state.decode()))
-        return restored["state"]
+        return state
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -128,6 +146,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _fields_but_empty_extra(state) -> dict | None:
+    """A train state's fields without `extra`, if it has an empty one; else None."""
+    if not dataclasses.is_dataclass(state) or getattr(state, "extra", 0) is not None:
+        return None
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "extra"}
 
 
 def _to_json(config: Mapping[str, Any]) -> dict:

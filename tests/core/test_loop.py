@@ -232,3 +232,28 @@ def test_half_written_step_is_ignored(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [4]
     ckpt.close()
+
+
+def test_checkpoints_from_before_the_extra_field_restore(tmp_path):
+    """A train state saved before TrainState had `extra` restores into today's."""
+    import flax.struct
+
+    @flax.struct.dataclass
+    class OldTrainState:  # TrainState as it was
+        step: jax.Array
+        params: object
+        opt_state: object
+        rng: jax.Array
+
+    _, state, _, _ = _setup()
+    old = OldTrainState(state.step + 5, state.params, state.opt_state, state.rng)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(5, old)
+    ckpt.close()
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    restored = ckpt.restore(abstract_like(state))
+    ckpt.close()
+    assert isinstance(restored, TrainState) and restored.extra is None and int(restored.step) == 5
+    for a, b in zip(_leaves(old.params), _leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert restored.params["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
