@@ -197,12 +197,15 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     `abstract_params` holds ShapeDtypeStructs with shardings (mesh.abstract_state of the
     model's init, `.params`). Orbax's partial restore reads only the 'params' subtree of
     the saved state, each host only its own shards: the optimiser state is never read
-    and no host materialises the full model.
+    and no host materialises the full model. A param asked for that the checkpoint lacks,
+    or holds with another shape, is refused naming the file; params it holds beyond those
+    asked for are not read (a backbone restored without its head).
     """
     manager, step = _latest(directory, step)
+    where = os.path.join(manager.directory, str(step), "state")
+    _check_params_match(where, abstract_params)
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    where = os.path.join(manager.directory, str(step), "state")
     try:
         restored = manager.restore(
             step,
@@ -212,22 +215,39 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
                 )
             ),
         )
-    except ValueError as e:  # orbax: a requested shape that is not the stored one
-        raise ValueError(f"{where} does not hold params of the requested shapes: {e}") from None
     finally:
         manager.close()
-    params = restored["state"]["params"]
-    # A partial restore hands back the request itself where the checkpoint has no such
-    # param: a model with other (or more) parameters than the one that was saved.
-    missing = [
-        jax.tree_util.keystr(path)
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if not isinstance(x, jax.Array)
-    ]
+    return restored["state"]["params"]
+
+
+def _check_params_match(where: str, abstract_params: Any) -> None:
+    """Raises ValueError naming `where` unless it holds params of exactly these shapes.
+
+    Checked on orbax's metadata before reading: a partial restore would hand back the
+    request itself for a param the checkpoint lacks, and fail mid-read on another shape.
+    """
+    from etils import epath
+
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where)).tree.get("params")
+    if stored is None:
+        raise ValueError(f"{where} holds no params")
+    stored = {
+        jax.tree_util.keystr(path): tuple(x.shape)
+        for path, x in jax.tree_util.tree_leaves_with_path(stored)
+    }
+    wanted = {
+        jax.tree_util.keystr(path): tuple(x.shape)
+        for path, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+    }
+    missing = sorted(set(wanted) - set(stored))
     if missing:
         raise ValueError(
             f"{where} holds no params {', '.join(missing[:5])}"
             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
             + ": it was saved from another model"
         )
-    return params
+    other = [f"{k} {stored[k]} (asked {v})" for k, v in sorted(wanted.items()) if stored[k] != v]
+    if other:
+        raise ValueError(
+            f"{where} does not hold params of the requested shapes: {'; '.join(other[:5])}"
+        )
