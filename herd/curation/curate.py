@@ -275,26 +275,16 @@ def _compute_embeddings(cfg, workdir: str, say) -> tuple[np.ndarray, dict]:
     The model config and the tokenizer are the ones the workdir's run trained with (stored
     with its checkpoints); embed.model_config / embed.tokenizer override them.
     """
-    from herd.core.config import load_config
     from herd.curation import embed as embed_lib
-    from herd.lm.presets import build_model_config
-    from herd.lm.tokenizer import load_tokenizer
 
     e = cfg.embed
     if not e.get("checkpoint"):
         raise ValueError("embed.documents is set but embed.checkpoint (a herd LM workdir) is empty")
     names, texts = embed_lib.read_documents(e.documents)
     ckpt_dir, step = embed_lib.resolve_step(e.checkpoint, None if int(e.step) < 0 else int(e.step))
-    if e.get("model_config"):
-        model_config = build_model_config(load_config(e.model_config).model)
-    else:
-        model_config = embed_lib.run_model_config(ckpt_dir, step)
-    if e.get("tokenizer"):
-        tokenizer_file = os.path.abspath(e.tokenizer)
-        tokenizer = load_tokenizer(tokenizer_file)
-    else:
-        tokenizer_file = "the run's own"
-        tokenizer = embed_lib.run_tokenizer(e.checkpoint)
+    model_config = embed_lib.run_model_config(ckpt_dir, step, config_file=e.model_config)
+    tokenizer = embed_lib.run_tokenizer(e.checkpoint, tokenizer_file=e.tokenizer)
+    tokenizer_file = os.path.abspath(e.tokenizer) if e.tokenizer else "the run's own"
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -325,12 +325,16 @@ def _lm_workdir(path: str) -> str:
     return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
-def run_model_config(workdir: str, step: int | None = None):
+def run_model_config(workdir: str, step: int | None = None, config_file: str = ""):
     """The LlamaConfig a herd LM workdir's checkpoint ``step`` (default: the latest) was
-    trained with, from the config stored with it."""
+    trained with, from the config stored with it; or, given ``config_file``, that LM
+    config file's model (for checkpoints that store none)."""
     from herd.core.checkpoint import read_config
+    from herd.core.config import load_config
     from herd.lm.presets import build_model_config
 
+    if config_file:
+        return build_model_config(load_config(config_file).model)
     directory, step = resolve_step(workdir, step)
     try:
         stored = read_config(directory, step)
@@ -342,10 +346,13 @@ def run_model_config(workdir: str, step: int | None = None):
     return build_model_config(stored["model"])
 
 
-def run_tokenizer(workdir: str):
-    """The tokenizer a herd LM workdir's run trained with (kept in ``workdir/tokenizer/``)."""
-    from herd.lm.tokenizer import load_from_workdir
+def run_tokenizer(workdir: str, tokenizer_file: str = ""):
+    """The tokenizer a herd LM workdir's run trained with (kept in ``workdir/tokenizer/``),
+    or the one in ``tokenizer_file``."""
+    from herd.lm.tokenizer import load_from_workdir, load_tokenizer
 
+    if tokenizer_file:
+        return load_tokenizer(tokenizer_file)
     try:
         return load_from_workdir(_lm_workdir(workdir))
     except FileNotFoundError as e:

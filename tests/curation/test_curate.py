@@ -479,6 +479,9 @@ def test_load_params_from_a_herd_checkpoint(tmp_path, tiny_llama):
     model_section = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
     _save_lm_checkpoint(tmp_path / "run", params, 5, model_section)
     assert embed.run_model_config(str(tmp_path / "run")) == cfg
+    # embed.model_config overrides the stored one (checkpoints of an older herd have none)
+    tiny = embed.run_model_config(str(tmp_path / "run"), config_file="configs/lm/tiny.py")
+    assert (tiny.dim, tiny.n_layers, tiny.vocab_size) == (64, 2, 512)
     mesh = mesh_lib.make_mesh({"fsdp": 4, "tensor": 2})
     loaded = embed.load_params(str(tmp_path / "run"), cfg, mesh=mesh)
     wq = loaded["layers"]["attention"]["wq"]
