@@ -1,0 +1,256 @@
+"""Code Llama fill-in-the-middle: the document transform, sentinels, infilling prompt."""
+
+import math
+
+import numpy as np
+import pytest
+
+from herd.lm import fim
+from herd.lm import tokenizer as tl
+from herd.lm.data import stdlib_files
+
+
+@pytest.fixture(scope="module")
+def files():
+    train, _ = stdlib_files("train", eval_fraction=0.05)
+    return train
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory, files):
+    """A herd code tokenizer (no dummy prefix) with the FIM sentinels as user-defined pieces."""
+    path = tmp_path_factory.mktemp("tok") / "fim.model"
+    return tl.train_tokenizer(
+        files[::80],
+        512,
+        path,
+        max_sentences=5000,
+        user_defined_symbols=fim.FIM_USER_DEFINED_SYMBOLS,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory, files):
+    """A LLaMA-style model (implicit leading space) whose sentinels are '\u2581<PRE>' ... like
+    Code Llama's."""
+    path = tmp_path_factory.mktemp("tok") / "llama.model"
+    syms = ["\n"] + ["\u2581" + p for p in fim.FIM_PIECES]
+    return tl.train_tokenizer(
+        files[::120], 400, path, max_sentences=3000, add_dummy_prefix=True, pad_id=-1,
+        user_defined_symbols=syms,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def docs(files):
+    """Some real Python files (the stdlib's own), without FIM sentinel text in them."""
+    out = []
+    for p in files[7::150]:
+        with open(p, encoding="utf-8", errors="strict") as f:
+            try:
+                text = f.read()
+            except UnicodeDecodeError:
+                continue
+        if 200 < len(text) < 60_000 and not any(s in text for s in fim.FIM_PIECES):
+            out.append(text)
+        if len(out) == 6:
+            break
+    assert len(out) == 6
+    return out
+
+
+class CharTok:
+    """A fake tokenizer (one id per character): for the random decisions, which do not depend
+    on the tokenizer."""
+
+    vocab_size, bos_id, eos_id, pad_id = 1_000_000, 1, 2, 2
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [10 + ord(c) for c in text] + [2] * eos
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+
+FAKE_FIM = fim.FimTokens(3, 4, 5, 6)
+
+
+def _positions(ids, t):
+    pos = {}
+    for name, sid in zip(fim.FIM_PIECES, t.as_tuple(), strict=True):
+        where = [k for k, i in enumerate(ids) if i == sid]
+        assert len(where) == 1, (name, where)
+        pos[name] = where[0]
+    return pos
+
+
+def test_sentinels_resolved(tok, llama_tok):
+    t = fim.FimTokens.from_tokenizer(tok)
+    assert t.as_tuple() == tuple(tok.piece_to_id(p) for p in fim.FIM_PIECES)
+    assert len(set(t.as_tuple()) | {tok.bos_id, tok.eos_id, tok.unk_id}) == 7
+    assert tok.decode([t.pre, t.eot]) == "<PRE><EOT>"
+    t2 = fim.FimTokens.from_tokenizer(llama_tok)
+    assert t2.as_tuple() == tuple(llama_tok.piece_to_id("\u2581" + p) for p in fim.FIM_PIECES)
+    assert fim.CODE_LLAMA_FIM.as_tuple() == (32007, 32008, 32009, 32010)
+
+
+def test_missing_fim_tokens_error(tmp_path, files):
+    plain = tl.train_tokenizer(files[:6], 600, tmp_path / "plain.model", max_sentences=2000)
+    with pytest.raises(ValueError, match=r"<PRE>, <SUF>, <MID>, <EOT>.*FIM_USER_DEFINED_SYMBOLS"):
+        fim.FimTokens.from_tokenizer(plain)
+    with pytest.raises(ValueError, match="no FIM sentinel"):
+        fim.FimTransform(plain)
+    with pytest.raises(ValueError, match="no FIM sentinel"):
+        fim.infilling_prompt("a", "b", plain)
+
+    class Partial(CharTok):
+        special_tokens = {"<PRE>": 3, "<SUF>": 4}
+
+    with pytest.raises(ValueError, match=r"token\(s\) <MID>, <EOT> "):
+        fim.FimTokens.from_tokenizer(Partial())
+    with pytest.raises(ValueError, match="distinct"):
+        fim.FimTokens(3, 3, 4, 5)
+
+
+@pytest.mark.parametrize("fmt", ["psm", "spm"])
+def test_round_trip_and_layout_on_stdlib(tok, docs, fmt):
+    t = fim.FimTokens.from_tokenizer(tok)
+    tr = fim.FimTransform(tok, rate=1.0, spm_rate=1.0 if fmt == "spm" else 0.0)
+    rng = np.random.default_rng(0)
+    for text in docs:
+        s = tr(text, rng)
+        assert s.fmt == fmt
+        prefix, middle, suffix = s.parts(text)
+        assert prefix + middle + suffix == text
+        ids = s.ids
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        p = _positions(ids, t)
+        if fmt == "psm":
+            assert p["<PRE>"] == 1 < p["<SUF>"] < p["<MID>"] < p["<EOT>"] == len(ids) - 2
+            assert ids[p["<PRE>"] + 1 : p["<SUF>"]] == tok.encode(prefix)
+            assert ids[p["<SUF>"] + 1 : p["<MID>"]] == tok.encode(suffix)
+            assert ids[p["<MID>"] + 1 : p["<EOT>"]] == tok.encode(middle)
+            assert tok.decode(ids[p["<MID>"] + 1 : p["<EOT>"]]) == middle
+        else:
+            assert (p["<PRE>"], p["<SUF>"]) == (1, 2)
+            assert p["<SUF>"] < p["<MID>"] < p["<EOT>"] == len(ids) - 2
+            assert ids[p["<SUF>"] + 1 : p["<MID>"]] == tok.encode(suffix)
+            assert ids[p["<MID>"] + 1 : p["<EOT>"]] == tok.encode(prefix + middle)  # joint
+        assert tok.decode(ids[p["<SUF>"] + 1 : p["<MID>"]]) == suffix
+
+
+def test_spm_separate_encoding_matches_prompt(tok, docs):
+    """spm_joint=False encodes prefix and middle apart: the infilling prompt is then exactly
+    the start of the training sequence, for both formats."""
+    t = fim.FimTokens.from_tokenizer(tok)
+    for fmt, joint in [("psm", True), ("spm", False)]:
+        tr = fim.FimTransform(tok, rate=1.0, spm_rate=float(fmt == "spm"), spm_joint=joint)
+        for k, text in enumerate(docs[:3]):
+            s = tr.for_record(text, seed=5, index=k)
+            prefix, middle, suffix = s.parts(text)
+            prompt = fim.infilling_prompt(prefix, suffix, tok, fmt)
+            assert s.ids[: len(prompt)] == prompt
+            rest = s.ids[len(prompt) :]
+            assert rest == tok.encode(middle) + [t.eot, tok.eos_id]
+            got, finished = fim.infill_text(rest, tok)
+            assert (got, finished) == (middle, True)
+
+
+def test_infilling_prompt_layout(tok):
+    t = fim.FimTokens.from_tokenizer(tok)
+    pre, suf = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    e = tok.encode
+    assert fim.infilling_prompt(pre, suf, tok) == (
+        [tok.bos_id, t.pre] + e(pre) + [t.suf] + e(suf) + [t.mid]
+    )
+    assert fim.infilling_prompt(pre, suf, tok, "spm") == (
+        [tok.bos_id, t.pre, t.suf] + e(suf) + [t.mid] + e(pre)
+    )
+    assert fim.infilling_prompt(pre, suf, tok, "psm", bos=False)[0] == t.pre
+    with pytest.raises(ValueError, match="psm"):
+        fim.infilling_prompt(pre, suf, tok, "pms")
+
+
+def test_leading_space_suppressed_for_dummy_prefix_models(llama_tok, docs):
+    tk = llama_tok
+    assert tk.model_proto.normalizer_spec.add_dummy_prefix
+    for s in ["x = 1", "  return y\n", " a", "", "\n\tz"]:
+        ids = fim.encode_no_leading_space(tk, s)
+        assert fim.decode_middle(ids, tk) == s
+    # plain encode adds a space the infilling encoding does not
+    assert fim.encode_no_leading_space(tk, "x") != tk.encode("x")
+    t = fim.FimTokens.from_tokenizer(tk)
+    pre, suf = "if x:", " y = 2\n"
+    prompt = fim.infilling_prompt(pre, suf, tk)
+    assert prompt == [tk.bos_id, t.pre] + tk.encode(pre) + [t.suf] + (
+        fim.encode_no_leading_space(tk, suf)
+    ) + [t.mid]
+    tr = fim.FimTransform(tk, rate=1.0, spm_rate=0.0)
+    for text in docs[:3]:
+        sample = tr(text, 11)
+        prefix, middle, suffix = sample.parts(text)
+        p = _positions(sample.ids, t)
+        assert fim.decode_middle(sample.ids[p["<SUF>"] + 1 : p["<MID>"]], tk) == suffix
+        assert fim.decode_middle(sample.ids[p["<MID>"] + 1 : p["<EOT>"]], tk) == middle
+
+
+def test_rates_match_config_binomial():
+    """Over many documents the FIM share is `rate` and the SPM share of those `spm_rate`,
+    within 4 binomial standard deviations (fixed seed: deterministic)."""
+    docs = ["".join(chr(97 + (k * 7 + i) % 26) for i in range(20 + k % 50)) for k in range(4000)]
+    for rate, spm_rate in [(0.9, 0.5), (0.3, 0.8)]:
+        tr = fim.FimTransform(CharTok(), rate=rate, spm_rate=spm_rate, fim_tokens=FAKE_FIM)
+        rng = np.random.default_rng(1234)
+        samples = [tr(d, rng) for d in docs]
+        n = len(docs)
+        n_fim = sum(s.fmt is not None for s in samples)
+        n_spm = sum(s.fmt == "spm" for s in samples)
+        assert abs(n_fim / n - rate) <= 4 * math.sqrt(rate * (1 - rate) / n)
+        assert abs(n_spm / n_fim - spm_rate) <= 4 * math.sqrt(spm_rate * (1 - spm_rate) / n_fim)
+        # cut points uniform over the document: E[min] = 1/3, E[max] = 2/3 of its length
+        lo = [s.cut[0] / len(d) for s, d in zip(samples, docs, strict=True) if s.cut]
+        hi = [s.cut[1] / len(d) for s, d in zip(samples, docs, strict=True) if s.cut]
+        assert abs(np.mean(lo) - 1 / 3) < 0.02 and abs(np.mean(hi) - 2 / 3) < 0.02
+        for s, d in zip(samples, docs, strict=True):
+            if s.fmt is None:
+                assert s.ids == [1] + [10 + ord(c) for c in d] + [2]
+            else:
+                assert "".join(s.parts(d)) == d
+                assert [i for i in s.ids if 3 <= i <= 6] == (
+                    [3, 4, 5, 6]
+                )  # <PRE> <SUF> <MID> <EOT> in this order in both formats
+
+
+def test_deterministic_per_record():
+    tr = fim.FimTransform(CharTok(), fim_tokens=FAKE_FIM)
+    text = "abcdefghijklmnopqrstuvwxyz" * 4
+    a = [tr.for_record(text, 7, i) for i in range(50)]
+    b = [tr.for_record(text, 7, i) for i in reversed(range(50))][::-1]
+    assert a == b
+    c = [tr.for_record(text, 8, i) for i in range(50)]
+    assert a != c
+    assert tr(text, 3) == tr(text, np.random.default_rng(3))
+
+
+def test_max_tokens_leaves_long_documents_plain():
+    tr = fim.FimTransform(CharTok(), rate=1.0, fim_tokens=FAKE_FIM, max_tokens=30)
+    assert tr("x" * 10, 0).fmt is not None
+    long = tr("x" * 40, 0)
+    assert long.fmt is None and long.ids == CharTok().encode("x" * 40, True, True)
+
+
+def test_split_infill_output():
+    t = FAKE_FIM
+    assert fim.split_infill_output([50, 51, 6, 52], t) == ([50, 51], True)
+    assert fim.split_infill_output([50, 2, 51, 6], t, stop_ids=[2]) == ([50], False)
+    assert fim.split_infill_output(np.array([50, 51]), t) == ([50, 51], False)
+    assert fim.infill_text([10 + ord("a"), 6, 10 + ord("b")], CharTok(), t) == ("a", True)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="rate"):
+        fim.FimTransform(CharTok(), rate=1.5, fim_tokens=FAKE_FIM)
+    with pytest.raises(ValueError, match="spm_rate"):
+        fim.FimTransform(CharTok(), spm_rate=-0.1, fim_tokens=FAKE_FIM)
+    with pytest.raises(TypeError):
+        fim.FimTransform(CharTok(), fim_tokens=FAKE_FIM)(b"bytes", 0)
