@@ -39,6 +39,9 @@ class LlamaConfig:
     ``rope_scaling`` is Llama 3.1 style: ``{'factor', 'low_freq_factor',
     'high_freq_factor', 'original_max_position_embeddings'}`` or None.
     ``optimizer_eps`` is the AdamW epsilon of the family (the train config reads it).
+    ``head_dim=None`` is ``dim // n_heads`` (every published Llama); an explicit value
+    (checkpoints whose ``n_heads * head_dim != dim``) keeps that size. ``replace`` keeps a
+    derived head_dim derived (``replace(dim=...)`` re-derives it).
     """
 
     dim: int
@@ -62,8 +65,13 @@ class LlamaConfig:
     attention_q_chunk: int | None = None
     optimizer_eps: float = 1e-5
     init_std: float = 0.02
+    head_dim: int | None = None
 
     def __post_init__(self):
+        derived = self.head_dim is None
+        object.__setattr__(self, "_head_dim_derived", derived)
+        if derived and isinstance(self.n_heads, (int, np.integer)) and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         for f in ("dtype", "param_dtype"):
@@ -84,10 +92,6 @@ class LlamaConfig:
 
     # -- derived ---------------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
     def hidden_dim(self) -> int:
         """The SwiGLU width: ffn_dim if given, else Meta's multiple_of rule."""
         if self.ffn_dim is not None:
@@ -106,6 +110,8 @@ class LlamaConfig:
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **kw) -> LlamaConfig:
+        if self._head_dim_derived and "head_dim" not in kw:
+            kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
 
     def validate(self) -> None:
@@ -124,10 +130,15 @@ class LlamaConfig:
             raise ValueError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
             )
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for RoPE")
+        if self._head_dim_derived:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for RoPE")
+        else:
+            pos_int("head_dim")
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             raise ValueError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
         if not self.norm_eps > 0:
