@@ -19,6 +19,7 @@ MODEL_FIELDS = {
     "n_layers": int,
     "n_heads": int,
     "n_kv_heads": int,
+    "head_dim": int,  # unset: dim // n_heads
     "vocab_size": int,
     "ffn_dim": int,
     "multiple_of": int,

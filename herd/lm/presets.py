@@ -148,6 +148,7 @@ WEIGHT_DEFINING_FIELDS = (
     "n_layers",
     "n_heads",
     "n_kv_heads",
+    "head_dim",
     "vocab_size",
     "hidden_dim",
     "tie_embeddings",
