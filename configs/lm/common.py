@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
             "batch_ramp": "",
             "seed": 0,
             "worker_count": 0,
+            # Code Llama fill-in-the-middle (herd.lm.fim): share of text documents transformed
+            # (0.0 = off; Code Llama 0.9) and the SPM share of those (0.5). > 0 needs a
+            # tokenizer with <PRE> <SUF> <MID> <EOT> (a trained one gets them).
+            "fim_rate": 0.0,
+            "fim_spm_rate": 0.5,
         }
     )
     c.optim = ml_collections.ConfigDict(

@@ -5,7 +5,8 @@ Public API::
     stdlib_files(split='train', eval_fraction=0.05, *, root=None) -> (list[str], sha256)
     make_lm_iterator(source, tokenizer, *, seq_len, batch_size, seed, shuffle=True,
         num_epochs=None, shard_index=None, shard_count=None, worker_count=0,
-        add_bos=True, add_eos=True, packing='concat', vocab_size=None, read_threads=2)
+        add_bos=True, add_eos=True, packing='concat', vocab_size=None, read_threads=2,
+        fim_rate=0.0, fim_spm_rate=0.5)
         -> grain DatasetIterator yielding batch dicts (see below); shard_index/shard_count
         None mean jax.process_index()/jax.process_count().
     sample_texts(source, n=0) -> list[str]  # documents as text (corrupt ones skipped)
@@ -28,6 +29,15 @@ disjoint) -> shuffle(seed) (a new permutation every epoch) -> repeat(num_epochs)
 (decode + tokenize + BOS/EOS + vocabulary check; worker threads) -> to_iter_dataset ->
 PackedBatchIterDataset (herd.lm.packing: packing + batching) [-> mp_prefetch when
 worker_count > 0].
+
+Fill-in-the-middle (Code Llama, herd.lm.fim): with ``fim_rate`` > 0 each text document goes
+through ``FimTransform(tokenizer, rate=fim_rate, spm_rate=fim_spm_rate, max_tokens=seq_len)``
+(PSM / SPM / left plain; one whose FIM sequence would exceed seq_len stays plain), with a
+generator keyed on (seed, epoch, record index): the map sees its stream position
+(map_with_index after repeat), so the decisions differ between epochs, do not depend on
+threads, and a restored iterator re-makes exactly the same sequences. The tokenizer must have
+the sentinels (else FimTokens' ValueError); token-id records pass through unchanged.
+``counters`` then also has fim_psm, fim_spm, fim_none, fim_skipped_token_records.
 
 Each document of tokens t (with BOS and EOS) becomes the (input, target) pairs (t[i], t[i+1]),
 i.e. len(t) - 1 predictions, none of which crosses a document boundary; those pairs are packed
@@ -163,19 +173,44 @@ def sample_texts(source, n: int = 0) -> list[str]:
 
 
 class _Tokenize:
-    """record index -> np.int32 tokens (BOS + text + EOS), or Skipped."""
+    """record index -> np.int32 tokens (BOS + text + EOS), or Skipped.
 
-    def __init__(self, source, tokenizer, add_bos: bool, add_eos: bool, vocab_size: int):
+    With ``fim`` (a herd.lm.fim.FimTransform) text records go through Code Llama's FIM
+    transform instead (``at``: the stream position gives the epoch), and the result is
+    ``(tokens, counter name)`` so that the packer counts fim_psm / fim_spm / fim_none /
+    fim_skipped_token_records.
+    """
+
+    def __init__(
+        self,
+        source,
+        tokenizer,
+        add_bos: bool,
+        add_eos: bool,
+        vocab_size: int,
+        *,
+        fim=None,
+        fim_seed: int = 0,
+        epoch_len: int = 1,
+    ):
         self.source = source
         self.tokenizer = tokenizer
         self.add_bos, self.add_eos = add_bos, add_eos
         self.vocab_size = vocab_size
+        self.fim, self.fim_seed, self.epoch_len = fim, int(fim_seed), int(epoch_len)
 
-    def __call__(self, index: int):
+    def at(self, position: int, index: int):
+        """The record ``index`` read at stream ``position`` (grain map_with_index): the FIM
+        decision is keyed on (seed, epoch, record), so it is the same on a resume and in any
+        thread, and a new one each epoch."""
+        return self(index, position // self.epoch_len)
+
+    def __call__(self, index: int, epoch: int = 0):
         src = self.source
         value = read_record(src, index)
         if isinstance(value, Skipped):
             return value
+        tag = None
         if isinstance(value, (list, np.ndarray)):
             arr = np.asarray(value)
             if arr.size == 0:
@@ -185,6 +220,12 @@ class _Tokenize:
             ids = arr.astype(np.int64).tolist()
             ids = ([self.tokenizer.bos_id] if self.add_bos else []) + ids
             ids += [self.tokenizer.eos_id] if self.add_eos else []
+            if self.fim is not None:
+                tag = "fim_skipped_token_records"  # already tokens: no characters to cut
+        elif self.fim is not None:
+            rng = np.random.default_rng([self.fim_seed % 2**63, int(epoch), int(index)])
+            sample = self.fim(value, rng)
+            ids, tag = sample.ids, f"fim_{sample.fmt or 'none'}"
         else:
             ids = self.tokenizer.encode(value, bos=self.add_bos, eos=self.add_eos)
         tokens = np.asarray(ids, dtype=np.int64)
@@ -196,7 +237,19 @@ class _Tokenize:
             )
         if tokens.size < 2:
             return Skipped("too_short", src.describe(index), f"{tokens.size} token(s)")
-        return tokens.astype(np.int32)
+        tokens = tokens.astype(np.int32)
+        return tokens if tag is None else (tokens, tag)
+
+
+def check_fim_rates(fim_rate: float, fim_spm_rate: float, prefix: str = "") -> None:
+    """Raises ValueError naming the key unless both rates are in [0, 1]."""
+    for key, value in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+        try:
+            ok = 0.0 <= float(value) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{prefix}{key} must be a number in [0, 1], got {value!r}")
 
 
 def make_lm_dataset(
@@ -217,6 +270,8 @@ def make_lm_dataset(
     vocab_size: int | None = None,
     read_threads: int = 2,
     tfds_data_dir: str | None = None,
+    fim_rate: float = 0.0,
+    fim_spm_rate: float = 0.5,
 ) -> grain.IterDataset:
     """The grain IterDataset behind make_lm_iterator (same arguments)."""
     if seq_len < 1 or batch_size < 1:
@@ -225,6 +280,21 @@ def make_lm_dataset(
         raise ValueError(f"packing must be 'concat' or 'pad', got {packing!r}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
+    check_fim_rates(fim_rate, fim_spm_rate)
+    fim = None
+    if fim_rate > 0:
+        from herd.lm.fim import FimTransform
+
+        # raises the FimTokens error when the tokenizer has no sentinels; a document whose
+        # FIM sequence would not fit in one row stays plain (Code Llama)
+        fim = FimTransform(
+            tokenizer,
+            rate=fim_rate,
+            spm_rate=fim_spm_rate,
+            bos=add_bos,
+            eos=add_eos,
+            max_tokens=seq_len,
+        )
     if shard_index is None or shard_count is None:
         import jax
 
@@ -251,7 +321,13 @@ def make_lm_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed % 2**32)
     ds = ds.repeat(num_epochs)
-    ds = ds.map(_Tokenize(src, tokenizer, add_bos, add_eos, vocab_size))
+    if fim is None:
+        ds = ds.map(_Tokenize(src, tokenizer, add_bos, add_eos, vocab_size))
+    else:  # the stream position gives the epoch: FIM decisions per (seed, epoch, record)
+        tok = _Tokenize(
+            src, tokenizer, add_bos, add_eos, vocab_size, fim=fim, fim_seed=seed, epoch_len=n
+        )
+        ds = ds.map_with_index(tok.at)
     read = grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=max(4, 4 * read_threads)
     )
@@ -292,6 +368,8 @@ def make_lm_iterator(
     vocab_size: int | None = None,
     read_threads: int = 2,
     tfds_data_dir: str | None = None,
+    fim_rate: float = 0.0,
+    fim_spm_rate: float = 0.5,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of packed LM batches (see the module docstring).
 
@@ -324,6 +402,8 @@ def make_lm_iterator(
             vocab_size=vocab_size,
             read_threads=read_threads,
             tfds_data_dir=tfds_data_dir,
+            fim_rate=fim_rate,
+            fim_spm_rate=fim_spm_rate,
         )
     )
 

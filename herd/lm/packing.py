@@ -2,7 +2,8 @@
 
 The parent yields one np.int32 token array per document (with BOS/EOS), or a
 ``herd.core.data.Skipped`` marker for a bad record (counted in ``counters`` as
-``skipped_<reason>``). Each document of tokens t becomes the (input, target) pairs
+``skipped_<reason>``), or ``(tokens, counter name)``: the document, counted also under that
+name (herd.lm.data's FIM counters). Each document of tokens t becomes the (input, target) pairs
 (t[i], t[i+1]); the pairs are packed into rows of ``seq_len`` as herd.lm.data's docstring
 describes ('concat' or 'pad'), every piece of a document its own segment.
 """
@@ -54,6 +55,9 @@ class PackedBatchIterator(grain.DatasetIterator):
                 self._count_skip(item)
                 continue
             self._skips_in_a_row = 0
+            if isinstance(item, tuple):
+                item, tag = item
+                self.counters[tag] = self.counters.get(tag, 0) + 1
             self._doc_parent_state = state
             self._doc, self._offset = item, 0
             self.counters["docs"] += 1
@@ -151,6 +155,8 @@ class PackedBatchIterator(grain.DatasetIterator):
             item = next(self._parent)
             if isinstance(item, Skipped):
                 raise ValueError(f"iterator state points at a skipped record ({item.where})")
+            if isinstance(item, tuple):  # (tokens, counter): counted before the state was taken
+                item = item[0]
             self._doc, self._offset = item, int(state["offset"])
             self._doc_parent_state = state["parent"]
 

@@ -18,8 +18,13 @@ SIGTERM (preemption) checkpoints at the next step and exits with status 0 (with 
 processes, all of them save the same step; rerunning the same command resumes); a NaN or
 inf loss stops the run naming the step, keeping the last good checkpoint. Config errors
 (heads vs kv heads, mesh vs device count, batch vs data-parallel size, seq_len vs
-max_seq_len, unknown preset, missing corpus, tokenizer larger than the vocabulary) are
+max_seq_len, unknown preset, missing corpus, tokenizer larger than the vocabulary, FIM
+rates outside [0, 1], ``data.fim_rate`` > 0 with a tokenizer lacking the FIM sentinels) are
 raised before anything is compiled.
+
+``data.fim_rate`` > 0 turns on Code Llama's fill-in-the-middle for the training documents
+(herd.lm.data, herd.lm.fim; ``configs/lm/tiny_fim.py``); a tokenizer the run trains itself
+then gets the sentinels. Eval batches stay plain text.
 
 ``--config=path.py[:arg]`` picks an experiment file (configs/lm/*.py: one per published
 family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test config);
@@ -63,6 +68,7 @@ from herd.lm import data as data_lib
 from herd.lm import ramp as ramp_lib
 from herd.lm import tokenizer as tok_lib
 from herd.lm.attention import check_attention_config
+from herd.lm.fim import FIM_USER_DEFINED_SYMBOLS, FimTokens
 from herd.lm.loss import chunked_cross_entropy
 from herd.lm.model import Llama, output_embedding
 from herd.lm.presets import build_model_config, check_checkpoint_model
@@ -100,6 +106,9 @@ def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     if int(cfg.train.steps) < 1:
         raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
+    data_lib.check_fim_rates(
+        cfg.data.get("fim_rate", 0.0), cfg.data.get("fim_spm_rate", 0.5), prefix="data."
+    )
     chunk = cfg.train.get("vocab_chunk") or 0
     if chunk < 0:
         raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
@@ -326,9 +335,9 @@ def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str):
         if not vocab:
             raise ValueError("data.tokenizer is empty and model.vocab_size is not set")
         n_docs = int(cfg.data.get("tokenizer_train_files") or 0)
-        model_path = os.path.join(
-            cache_dir(), "tokenizers", f"sp_{corpus_hash[:16]}_v{vocab}_f{n_docs}.model"
-        )
+        fim = float(cfg.data.get("fim_rate") or 0.0) > 0  # FIM: the sentinels in the vocab
+        name = f"sp_{corpus_hash[:16]}_v{vocab}_f{n_docs}{'_fim' if fim else ''}.model"
+        model_path = os.path.join(cache_dir(), "tokenizers", name)
         if os.path.exists(model_path):
             say(f"tokenizer: cached {model_path}")
             tok = tok_lib.load_tokenizer(model_path)
@@ -342,13 +351,16 @@ def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str):
             os.makedirs(os.path.dirname(model_path), exist_ok=True)
             say(f"tokenizer: training a {vocab}-token SentencePiece BPE on {len(docs)} documents")
             t0 = time.perf_counter()
-            tok = tok_lib.train_tokenizer(docs, vocab, model_path)
+            extra = {"user_defined_symbols": FIM_USER_DEFINED_SYMBOLS} if fim else {}
+            tok = tok_lib.train_tokenizer(docs, vocab, model_path, **extra)
             say(f"tokenizer: {model_path} ({time.perf_counter() - t0:.1f}s)")
     if vocab and tok.vocab_size > vocab:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}: "
             f"token ids up to {tok.vocab_size - 1} would be outside the vocabulary"
         )
+    if float(cfg.data.get("fim_rate") or 0.0) > 0:
+        FimTokens.from_tokenizer(tok)  # ValueError naming the missing sentinels
     return tok, path or model_path
 
 
@@ -476,6 +488,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             shuffle=True,
             num_epochs=None,
             worker_count=int(cfg.data.get("worker_count") or 0),
+            fim_rate=float(cfg.data.get("fim_rate") or 0.0),
+            fim_spm_rate=float(cfg.data.get("fim_spm_rate", 0.5)),
             **common,
             **shape(stage),
         )
