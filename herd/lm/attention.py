@@ -469,3 +469,43 @@ def _pallas_gpu(q, k, v, segment_ids, causal):
         block_sizes=blocks,
         interpret=jax.default_backend() != "gpu",
     )
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+) -> jax.Array:
+    """Attention of new queries over a KV cache (prefill and decode), on the 'xla' path.
+
+    ``q`` ``[B, T, H, D]``, ``k``/``v`` ``[B, S, KV, D]`` (the cache; grouped heads are not
+    repeated), ``q_positions`` ``[B, T]`` and ``k_positions`` ``[B, S]`` int: the token
+    positions of queries and keys, negative for padding and for empty cache slots. A query
+    sees the valid keys at positions ``<=`` its own (query and key lengths may differ).
+    Padding query rows (negative position) return zeros. Returns ``[B, T, H, D]`` in
+    ``q.dtype``.
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"decode_attention expects q [B,T,H,D], k/v [B,S,KV,D]; got "
+            f"{q.shape}, {k.shape}, {v.shape}"
+        )
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    if q_positions.shape != (b, t) or k_positions.shape != (b, s):
+        raise ValueError(
+            f"q_positions {q_positions.shape} / k_positions {k_positions.shape} do not match "
+            f"(B, T) = {(b, t)} / (B, S) = {(b, s)}"
+        )
+    qp = q_positions.astype(jnp.int32)[:, :, None]
+    kp = k_positions.astype(jnp.int32)[:, None, :]
+    q_valid = qp >= 0
+    # Padding query rows see every slot (so no softmax row is empty); zeroed below.
+    mask = ((kp >= 0) & (kp <= qp)) | ~q_valid
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation="xla"
+    )
+    return (out * q_valid[..., None].astype(out.dtype)).astype(q.dtype)

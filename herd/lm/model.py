@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from herd.lm.attention import attention, check_attention_config
+from herd.lm.attention import attention, check_attention_config, decode_attention
 from herd.lm.config import REMAT_POLICIES, LlamaConfig
 
 # Projections flatten [B, T, ...] to [B*T, ...] rows: plain 2-D matmuls. On XLA:CPU the 3-D
@@ -168,7 +168,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache_k=None, cache_v=None, cache_info=None):
         c = self.config
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(c.init_std)
@@ -188,12 +188,28 @@ class Attention(nn.Module):
         v = _constrain(
             checkpoint_name(v, "value_proj"), ("batch", "length", "kv_heads", "head_dim")
         )
+        if cache_k is not None:  # KV-cache prefill / decode (see Llama): the 'xla' path
+            return self._cached(q, k, v, wo, cache_k, cache_v, cache_info)
         kwargs = {} if c.attention_q_chunk is None else {"q_chunk": c.attention_q_chunk}
         out = attention(
             q, k, v, segment_ids=segment_ids, impl=c.attention_impl, causal=True, **kwargs
         )
         out = _constrain(checkpoint_name(out, "context"), ("batch", "length", "heads", "head_dim"))
         return checkpoint_name(_project(out, wo.astype(dt), 2), "out_proj")
+
+    def _cached(self, q, k, v, wo, cache_k, cache_v, cache_info):
+        """Write k/v [B, T, KV, D] into this layer's cache [B, S, KV, D] at slot
+        ``index`` and attend over the whole cache; returns (output, (cache_k, cache_v))."""
+        q_positions, k_positions, index = cache_info
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+        cache_k, cache_v = _constrain(cache_k, axes), _constrain(cache_v, axes)
+        out = decode_attention(
+            q, cache_k, cache_v, q_positions=q_positions, k_positions=k_positions
+        )
+        out = _constrain(out, ("batch", "length", "heads", "head_dim"))
+        return _project(out, wo.astype(self.config.compute_dtype), 2), (cache_k, cache_v)
 
 
 class FeedForward(nn.Module):
@@ -220,9 +236,16 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache_k=None, cache_v=None, cache_info=None):
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.params_dtype, name=name)
+        if cache_k is not None:  # KV-cache decode: also returns this layer's updated cache
+            h, kv = Attention(c, name="attention")(
+                norm("attention_norm")(x), cos, sin, None, cache_k, cache_v, cache_info
+            )
+            x = x + h
+            x = x + FeedForward(c, name="feed_forward")(norm("ffn_norm")(x))
+            return _constrain(x, ("batch", "length", "embed")), kv
         x = x + Attention(c, name="attention")(norm("attention_norm")(x), cos, sin, segment_ids)
         x = x + FeedForward(c, name="feed_forward")(norm("ffn_norm")(x))
         return _constrain(x, ("batch", "length", "embed")), None
@@ -260,17 +283,31 @@ class Llama(nn.Module):
     segment_ids int [B, T] (1, 2, ... per document, 0 = padding; attention stays inside a
     document) or None (plain causal). Returns float32 logits [B, T, vocab], or with
     ``return_hidden`` the final normed hidden states [B, T, dim] in the compute dtype.
+
+    With ``cache=`` (``init_cache``) and ``cache_index=`` it is the KV-cache forward of
+    prefill and decode instead: returns ``(logits, new_cache)`` (see ``init_cache``); it
+    always uses the 'xla' attention path (``herd.lm.attention.decode_attention``).
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False):
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        return_hidden=False,
+        cache=None,
+        cache_index=None,
+    ):
         c = self.config
         dt = c.compute_dtype
         b, t = tokens.shape
         if t > c.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={c.max_seq_len}")
+        if cache is not None:
+            return self._cached(tokens, positions, cache, cache_index, return_hidden)
         check_attention_config(
             c.attention_impl,
             t,
@@ -317,6 +354,102 @@ class Llama(nn.Module):
         w = table.T if c.tie_embeddings else _Head(c, name="output")()
         logits = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
         return _constrain(logits, ("batch", "length", "vocab"))
+
+    def _cached(self, tokens, positions, cache, cache_index, return_hidden):
+        """The KV-cache forward (prefill and decode): see ``init_cache``. Returns
+        (logits or hidden, the updated cache)."""
+        c = self.config
+        dt = c.compute_dtype
+        b, t = tokens.shape
+        ck, cv, cpos = cache["k"], cache["v"], cache["positions"]
+        s = ck.shape[2]
+        if ck.shape != (c.n_layers, b, s, c.n_kv_heads, c.head_dim) or cv.shape != ck.shape:
+            raise ValueError(
+                f"cache k {ck.shape} / v {cv.shape} do not match "
+                f"[layers, batch, max_len, kv_heads, head_dim] = "
+                f"{(c.n_layers, b, s, c.n_kv_heads, c.head_dim)}"
+            )
+        if cpos.shape != (b, s):
+            raise ValueError(f"cache positions {cpos.shape} != (batch, max_len) = {(b, s)}")
+        if t > s:
+            raise ValueError(f"{t} tokens do not fit a cache of max_len {s}")
+        index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = positions.astype(jnp.int32)
+        k_positions = jax.lax.dynamic_update_slice_in_dim(cpos, positions, index, 1)
+        k_positions = jnp.where(k_positions < 0, -1, k_positions)
+        table = _Embedding(c, name="tok_embeddings")()
+        x = jnp.take(_constrain(table, ("vocab", None)), tokens, axis=0).astype(dt)
+        x = _constrain(x, ("batch", "length", "embed"))
+        cos, sin = rope_cos_sin(jnp.maximum(positions, 0), c.head_dim, c.rope_theta, c.rope_scaling)
+        info = (positions, k_positions, index)
+        if c.scan_layers:
+            stack = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, (ck, cv) = stack(c, name="layers")(x, cos, sin, None, ck, cv, info)
+        else:
+            ks, vs = [], []
+            for i in range(c.n_layers):
+                x, (k_i, v_i) = Block(c, name=f"layers_{i}")(x, cos, sin, None, ck[i], cv[i], info)
+                ks.append(k_i)
+                vs.append(v_i)
+            ck, cv = jnp.stack(ks), jnp.stack(vs)
+        new_cache = {
+            "k": _constrain(ck, CACHE_AXES),
+            "v": _constrain(cv, CACHE_AXES),
+            "positions": _constrain(k_positions, CACHE_POSITION_AXES),
+        }
+        x = RMSNorm(c.norm_eps, dt, c.params_dtype, name="norm")(x)
+        if return_hidden:
+            return x, new_cache
+        w = table.T if c.tie_embeddings else _Head(c, name="output")()
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(dt), preferred_element_type=jnp.float32)
+        return _constrain(logits, ("batch", "length", "vocab")), new_cache
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache (prefill + decode; herd.lm.generate drives it)
+# ---------------------------------------------------------------------------------------
+
+# Logical axes of the cache: batch split like the activations (data/fsdp), kv heads over
+# 'tensor' (as the wk/wv projections make them), one slot per token along 'length'.
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_POSITION_AXES = ("batch", "length")
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: ``{'k', 'v'}`` ``[layers, batch, max_len, kv_heads, head_dim]``
+    (per KV head: grouped-query heads are never repeated) in ``dtype`` (default the compute
+    dtype), and ``'positions'`` ``[batch, max_len]`` int32, the token position held by each
+    slot (-1: empty or padding, never attended).
+
+    ``Llama(config).apply(v, tokens, positions=..., cache=cache, cache_index=i)`` writes
+    the keys/values of tokens ``[B, T]`` into slots ``[i, i + T)`` and returns
+    ``(logits, new_cache)``; each query attends to the cached keys whose position is
+    ``<=`` its own. ``positions`` (default ``i + arange(T)``) may differ per row (left-padded
+    prompts start at 0); a negative position marks a padding token.
+    """
+    c = config
+    dt = c.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "positions": jnp.full((batch, max_len), -1, jnp.int32),
+    }
+
+
+def cache_logical_axes() -> dict:
+    """The logical axis names of ``init_cache``'s tree (for herd.core.mesh.logical_to_sharding
+    via ``jax.sharding.PartitionSpec``)."""
+    return {"k": CACHE_AXES, "v": CACHE_AXES, "positions": CACHE_POSITION_AXES}
 
 
 # ---------------------------------------------------------------------------------------
