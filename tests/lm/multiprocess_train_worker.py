@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 
 class _SigtermAtBatch:
@@ -31,6 +32,11 @@ class _SigtermAtBatch:
         self.n += 1
         if self.n == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
+            # A cluster's notice comes well before the kill; here the signal handler only
+            # starts the notice's trip through the coordination service, and a tiny model's
+            # steps could all end before it arrives. Hold this process (and so, through the
+            # collectives, the other) until it surely has.
+            time.sleep(3)
         return next(self.it)
 
     def get_state(self):
