@@ -37,6 +37,8 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "run_entry",
+    "print_user_error",
+    "exit_with_user_error",
 ]
 
 
@@ -383,12 +385,18 @@ class _InMemoryParser(flags.ArgumentParser):
 USER_ERRORS = (ValueError, OSError, flags.Error)
 
 
-def _exit_with_error(error: BaseException, code: int = 2) -> None:
+def print_user_error(error: BaseException) -> None:
+    """Writes `error: <sentence>` to stderr: how every entry reports a user error."""
     message = str(error) or type(error).__name__
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
         message = f"{type(error).__name__}: {message}"
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+
+
+def exit_with_user_error(error: BaseException, code: int = 2) -> None:
+    """print_user_error, then exit with `code`."""
+    print_user_error(error)
     sys.exit(code)
 
 
@@ -422,7 +430,7 @@ def run_entry(
     except flags.Error as e:
         if verbose_requested:
             raise
-        _exit_with_error(e)
+        exit_with_user_error(e)
     if "workdir" not in flags.FLAGS:
         flags.DEFINE_string("workdir", default_workdir, workdir_help)
     if "verbose" not in flags.FLAGS:
@@ -435,7 +443,7 @@ def run_entry(
         except flags.Error as e:
             if verbose_requested:
                 raise
-            _exit_with_error(e)
+            exit_with_user_error(e)
 
     def _main(args):
         try:
@@ -447,6 +455,6 @@ def run_entry(
         except USER_ERRORS as e:
             if flags.FLAGS.verbose:
                 raise
-            _exit_with_error(e)
+            exit_with_user_error(e)
 
     app.run(_main, argv=argv, flags_parser=_parse_flags)

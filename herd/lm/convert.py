@@ -926,6 +926,8 @@ def main(argv=None) -> int:
     ``--from_meta=DIR --to=WORKDIR`` | ``--from_workdir=WORKDIR --to_hf=DIR``."""
     from absl import flags
 
+    from herd.core.config import print_user_error
+
     fv = flags.FlagValues()
     flags.DEFINE_string("from_hf", None, "Hugging Face Llama directory to read.", flag_values=fv)
     flags.DEFINE_string(
@@ -969,7 +971,7 @@ def main(argv=None) -> int:
     try:
         rest = fv(argv if argv else [prog])
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_user_error(e)
         return 2
     try:
         if len(rest) > 1:
@@ -1014,7 +1016,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         if fv.verbose:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print_user_error(e)
         return 2
 
 

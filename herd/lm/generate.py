@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m herd.lm.generate [--workdir=DIR] [--prompt=...] [--max_new_tokens=N] ...`"""
     from absl import app, flags
 
-    from herd.core.config import USER_ERRORS, _exit_with_error
+    from herd.core.config import USER_ERRORS, exit_with_user_error
 
     argv = list(argv) if argv is not None else list(sys.argv)
     _define_flags()
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             return f(args)
         except flags.Error as e:
-            _exit_with_error(e)
+            exit_with_user_error(e)
 
     def _main(args):
         try:
@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except USER_ERRORS as e:
             if f.verbose:
                 raise
-            _exit_with_error(e)
+            exit_with_user_error(e)
 
     app.run(_main, argv=argv, flags_parser=_parse)
 
