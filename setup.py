@@ -26,7 +26,16 @@ setup(
     extras_require={
         # scikit-learn for its handwritten digits: real data that ships with a package
         # (the core's non-LM training test, vision's embedded default).
-        "test": ["pytest>=8", "ruff>=0.6", "array_record>=0.5", "scikit-learn>=1.4"],
+        # nbclient / nbformat / ipykernel: tests/test_notebooks.py runs notebooks/*.ipynb.
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "array_record>=0.5",
+            "scikit-learn>=1.4",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+        ],
         # Live parity tests and benchmarks against the peers. torch is pinned: that
         # version is a CPU build on the project's machines; an unpinned torch pulls a
         # multi-GB CUDA build.
