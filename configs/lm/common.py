@@ -87,6 +87,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         {
             "steps": 1000,
+            # fine-tuning: a herd workdir (its latest checkpoint; one from
+            # `python -m herd.lm.convert` too), its checkpoints/ or one checkpoints/<step>
+            # directory. Its params start the run (fresh optimiser state, step 0); its
+            # stored model is the base that cfg.model's set fields change (not the
+            # weight-defining ones); its tokenizer is used unless data.tokenizer is set.
+            # '' = off. A workdir with checkpoints of its own resumes them instead.
+            "init_from": "",
             "stop_after": 0,  # > 0: stop this invocation at that step (resume later)
             "grad_accum_steps": 1,
             "vocab_chunk": 0,  # chunk of the vocabulary per cross-entropy step (0 = all)

@@ -7,6 +7,7 @@ plus overrides, or every field) into a LlamaConfig.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -141,8 +142,9 @@ def build_model_config(model_cfg: ml_collections.ConfigDict | dict) -> LlamaConf
     return LlamaConfig(**fields)
 
 
-# What the weights of a checkpoint mean; the rest (compute dtype, remat policy, attention
-# backend, max_seq_len) may change between a run and its resume.
+# What the weights of a checkpoint mean: a fine-tune (train.init_from) and a resume must
+# keep these. The rest (compute dtype, remat policy, attention backend, max_seq_len) may
+# change between a run and its resume.
 WEIGHT_DEFINING_FIELDS = (
     "dim",
     "n_layers",
@@ -155,16 +157,70 @@ WEIGHT_DEFINING_FIELDS = (
     "param_dtype",
     "scan_layers",
     "norm_eps",
-    "rope_theta",
-    "rope_scaling",
 )
+# How positions are encoded: a fine-tune may change them (Code Llama's long-context
+# fine-tuning raises rope_theta from 1e4 to 1e6, Roziere et al. 2023 sec. 2.4), a resume
+# may not (the weights so far were trained with the stored values).
+POSITION_FIELDS = ("rope_theta", "rope_scaling")
+RESUME_FIXED_FIELDS = WEIGHT_DEFINING_FIELDS + POSITION_FIELDS
+
+
+def model_config_fields(config: LlamaConfig) -> dict:
+    """`config` as a `cfg.model` section that :func:`build_model_config` turns back into
+    the same LlamaConfig (every field; a derived head_dim stays derived; no preset)."""
+    d = dataclasses.asdict(config)
+    if config.head_dim * config.n_heads == config.dim:
+        d["head_dim"] = None
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def finetune_model_config(
+    stored_model: dict, run_model: ml_collections.ConfigDict | dict, where: str
+) -> LlamaConfig:
+    """The model of a run that starts from a checkpoint trained with `stored_model`.
+
+    The checkpoint's model is the base; the fields the run sets (its preset's fields,
+    then its explicit ones) replace it. A weight-defining field the run sets to another
+    value is refused naming the field, both values and `where` (the checkpoint's config);
+    rope_theta, rope_scaling, max_seq_len, dtype, remat and the like may change.
+    """
+    base = build_model_config(stored_model)
+    fields = {k: v for k, v in dict(run_model).items() if v is not None}
+    if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
+        fields["rope_scaling"] = dict(fields["rope_scaling"])
+    preset = fields.pop("preset", None)
+    if preset:
+        LlamaConfig.preset(preset)  # an unknown name: ValueError listing the valid ones
+        fields = {**PRESETS[preset], **fields}
+    wanted = base.replace(**fields)
+    diff = [
+        (k, getattr(base, k), getattr(wanted, k))
+        for k in WEIGHT_DEFINING_FIELDS
+        if getattr(base, k) != getattr(wanted, k)
+    ]
+    if diff:
+        changes = ", ".join(f"{k} {a!r} (checkpoint) vs {b!r} (this run)" for k, a, b in diff)
+        raise ValueError(
+            f"the model asked for does not fit the checkpoint's weights ({where}): {changes}; "
+            "a fine-tune may change only how the weights are used (rope_theta, "
+            "rope_scaling, max_seq_len, dtype, remat_policy, attention_impl, ...)"
+        )
+    return wanted
+
+
+def _diff_fields(theirs, ours, fields) -> dict:
+    return {
+        k: (getattr(theirs, k), getattr(ours, k))
+        for k in fields
+        if getattr(theirs, k) != getattr(ours, k)
+    }
 
 
 def check_checkpoint_model(checkpoint_dir: str, model_config, step: int | None = None) -> None:
     """Raises ValueError, naming the file, when checkpoint `step` (default: the latest) in
     `checkpoint_dir` was trained with another model than `model_config` (a restore would
     fail in orbax with a shape error or, worse, load weights into a model of another
-    meaning). Checkpoints without a stored config pass."""
+    meaning: RESUME_FIXED_FIELDS). Checkpoints without a stored config pass."""
     from herd.core.checkpoint import read_config
 
     try:
@@ -172,11 +228,7 @@ def check_checkpoint_model(checkpoint_dir: str, model_config, step: int | None =
     except FileNotFoundError:  # checkpoints written before configs were stored with them
         return
     theirs = build_model_config(stored["model"])
-    diff = {
-        k: (getattr(theirs, k), getattr(model_config, k))
-        for k in WEIGHT_DEFINING_FIELDS
-        if getattr(theirs, k) != getattr(model_config, k)
-    }
+    diff = _diff_fields(theirs, model_config, RESUME_FIXED_FIELDS)
     if diff:
         if step is None:
             step = max(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())

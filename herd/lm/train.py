@@ -42,6 +42,7 @@ cache); a real prefill + decode generator is herd.lm.generate's job.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -58,7 +59,7 @@ import optax
 
 from herd.core import mesh as mesh_lib
 from herd.core import step as step_lib
-from herd.core.checkpoint import Checkpointer
+from herd.core.checkpoint import Checkpointer, read_config, restore_params
 from herd.core.config import run_entry
 from herd.core.data import stage_at
 from herd.core.loop import TrainState, train_loop
@@ -69,9 +70,15 @@ from herd.lm import ramp as ramp_lib
 from herd.lm import tokenizer as tok_lib
 from herd.lm.attention import check_attention_config
 from herd.lm.fim import FIM_USER_DEFINED_SYMBOLS, FimTokens
+from herd.lm.generate import generate
 from herd.lm.loss import chunked_cross_entropy
 from herd.lm.model import Llama, output_embedding
-from herd.lm.presets import build_model_config, check_checkpoint_model
+from herd.lm.presets import (
+    build_model_config,
+    check_checkpoint_model,
+    finetune_model_config,
+    model_config_fields,
+)
 from herd.lm.sharding import LM_RULES
 
 __all__ = [
@@ -80,7 +87,7 @@ __all__ = [
     "make_init_fn",
     "make_train_step",
     "make_eval_step",
-    "greedy_sample",
+    "resolve_init_from",
     "run",
     "main",
 ]
@@ -138,6 +145,89 @@ def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
             head_dim=model_config.head_dim,
         )
     return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """Where a fine-tune's weights come from: checkpoint `step` (None: the latest) of
+    `checkpoint_dir`; `workdir` (None when not inside one) may keep the tokenizer."""
+
+    checkpoint_dir: str
+    step: int | None
+    workdir: str | None
+
+    @property
+    def config_file(self) -> str:
+        step = self.step if self.step is not None else _latest_step(self.checkpoint_dir)
+        return os.path.join(self.checkpoint_dir, str(step), "config")
+
+
+def _latest_step(checkpoint_dir: str) -> int | None:
+    """The newest complete step directory (orbax's temporary ones are not all digits)."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    steps = [int(d) for d in os.listdir(checkpoint_dir) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def resolve_init_from(path: str) -> InitFrom:
+    """`train.init_from` -> InitFrom. Accepts a herd workdir (its latest checkpoint; also
+    one written by ``python -m herd.lm.convert``), its ``checkpoints`` directory, or one
+    step directory (``.../checkpoints/1000``). Anything else is one ValueError."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise ValueError(f"train.init_from {path!r} does not exist")
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        found = InitFrom(os.path.join(path, "checkpoints"), None, path)
+    elif name.isdigit() and os.path.isdir(path):
+        workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+        found = InitFrom(parent, int(name), workdir)
+    elif _latest_step(path) is not None:
+        found = InitFrom(path, None, parent if name == "checkpoints" else None)
+    else:
+        raise ValueError(
+            f"train.init_from {path!r} is neither a herd workdir (with checkpoints/), a "
+            "checkpoints directory nor a checkpoint step directory (checkpoints/<step>)"
+        )
+    if found.step is None and _latest_step(found.checkpoint_dir) is None:
+        raise ValueError(f"train.init_from {path!r} holds no checkpoint")
+    return found
+
+
+def _stored_model(checkpoint_dir: str, step: int | None, what: str) -> dict:
+    """The 'model' section of the config stored with a checkpoint, or one ValueError."""
+    try:
+        stored = read_config(checkpoint_dir, step)
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: {e}") from None
+    if not isinstance(stored.get("model"), dict):
+        raise ValueError(f"{what}: the config stored in {checkpoint_dir} has no 'model' section")
+    return stored["model"]
+
+
+def run_model_config(cfg: ml_collections.ConfigDict, workdir: str, say=print):
+    """(LlamaConfig, InitFrom or None): the model a run trains.
+
+    Without train.init_from: cfg.model (a preset plus overrides). With it: the model stored
+    with that checkpoint, with the fields cfg.model sets replacing it (weight-defining ones
+    must agree: presets.finetune_model_config). When the run's own workdir already holds
+    checkpoints the run resumes them, and their stored model is the base instead.
+    """
+    init_path = cfg.train.get("init_from") or ""
+    if not init_path:
+        return build_model_config(cfg.model), None
+    own = os.path.join(workdir, "checkpoints")
+    if _latest_step(own) is not None:
+        say(
+            f"train.init_from {init_path} is not read: the workdir holds checkpoints of this "
+            "run, which resumes from them"
+        )
+        stored = _stored_model(own, None, f"the checkpoints of {workdir}")
+        return finetune_model_config(stored, cfg.model, f"{own}"), None
+    init = resolve_init_from(init_path)
+    stored = _stored_model(init.checkpoint_dir, init.step, f"train.init_from {init_path!r}")
+    return finetune_model_config(stored, cfg.model, init.config_file), init
 
 
 def flops_per_token(model_config, seq_len: int) -> float:
@@ -256,40 +346,6 @@ def make_eval_step(model, *, mesh, param_shardings, rules=LM_RULES, vocab_chunk=
     return eval_step
 
 
-@functools.lru_cache(maxsize=4)
-def _next_token_fn(model):
-    @jax.jit
-    def next_token(params, tokens, positions, cur):
-        logits = model.apply({"params": params}, tokens, positions=positions)
-        return jnp.argmax(logits[0, cur - 1]).astype(jnp.int32)
-
-    return next_token
-
-
-def greedy_sample(model, params, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
-    """Greedy continuation of `prompt` (no KV cache: re-runs the model on a fixed buffer).
-
-    The buffer has a fixed length so the forward pass compiles once; causal attention
-    makes the positions after the current one irrelevant. herd.lm.generate is the real
-    (prefill + KV-cache decode) generator.
-    """
-    ids = list(tokenizer.encode(prompt, bos=True))
-    total = min(len(ids) + max_new_tokens, model.config.max_seq_len)
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(ids)] = ids
-    positions = np.arange(total, dtype=np.int32)[None]
-    next_token = _next_token_fn(model)
-    cur = len(ids)
-    eos = getattr(tokenizer, "eos_id", None)
-    while cur < total:
-        tok = int(next_token(params, buf, positions, cur))
-        if eos is not None and tok == eos:
-            break
-        buf[0, cur] = tok
-        cur += 1
-    return tokenizer.decode([int(t) for t in buf[0, len(ids) : cur]])
-
-
 # ------------------------------------------------------------------------ data set-up
 
 
@@ -317,9 +373,10 @@ def _sample_texts(src, n: int) -> list[str]:
     return texts
 
 
-def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str):
+def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str, init=None):
     """(tokenizer, its file): the configured file, else the one the workdir's run kept,
-    else a SentencePiece BPE trained on the corpus (cached in $HERD_CACHE)."""
+    else the one kept with train.init_from's weights (`init`, an InitFrom), else a
+    SentencePiece BPE trained on the corpus (cached in $HERD_CACHE)."""
 
     vocab = int(cfg.model.vocab_size) if cfg.model.get("vocab_size") else None
     path = cfg.data.get("tokenizer") or ""
@@ -330,6 +387,17 @@ def _tokenizer_for(cfg, train_source, corpus_hash: str, say, workdir: str):
     elif os.path.isdir(os.path.join(workdir, tok_lib.WORKDIR_TOKENIZER_DIR)):
         path = tok_lib.workdir_tokenizer_path(workdir)
         say(f"tokenizer: the run's own {path}")
+        tok = tok_lib.load_tokenizer(path)
+    elif init is not None:  # the weights' own tokenizer: another one would garble them
+        kept = init.workdir and os.path.join(init.workdir, tok_lib.WORKDIR_TOKENIZER_DIR)
+        if not kept or not os.path.isdir(kept):
+            raise ValueError(
+                f"train.init_from {init.checkpoint_dir!r} keeps no tokenizer (no "
+                f"{kept or 'workdir/tokenizer'} folder): set data.tokenizer to the tokenizer "
+                "its weights were trained with"
+            )
+        path = tok_lib.workdir_tokenizer_path(init.workdir)
+        say(f"tokenizer: train.init_from's {path}")
         tok = tok_lib.load_tokenizer(path)
     else:
         if not vocab:
@@ -428,6 +496,19 @@ def _build(model_config, optim_items, steps, mesh, grad_accum_steps, vocab_chunk
     eval_step = make_eval_step(
         model, mesh=mesh, param_shardings=shardings.params, rules=rules, vocab_chunk=vocab_chunk
     )
+
+    def state_from_params(params, rng):  # a fine-tune's start: step 0, fresh optimiser state
+        rng, _ = jax.random.split(rng)  # as init does, so train.seed means the same
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng
+        )
+
+    from_params = jax.jit(
+        state_from_params,
+        in_shardings=(shardings.params, shardings.rng),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )
     return types.SimpleNamespace(
         model=model,
         optimizer=optimizer,
@@ -435,6 +516,7 @@ def _build(model_config, optim_items, steps, mesh, grad_accum_steps, vocab_chunk
         abstract=abstract,
         shardings=shardings,
         init=init,
+        from_params=from_params,
         train_step=train_step,
         eval_step=eval_step,
     )
@@ -463,13 +545,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             print(text, flush=True)
 
     # --- everything a user can get wrong is checked before compiling anything
-    model_config = build_model_config(cfg.model)
+    say(f"workdir: {workdir}")
+    model_config, init = run_model_config(cfg, workdir, say)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh))
     stages = validate_config(cfg, model_config, mesh)
-    say(f"workdir: {workdir}")
     say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
     train_source, eval_source, digest = _corpus(cfg, say)
-    tokenizer, tokenizer_file = _tokenizer_for(cfg, train_source, digest, say, workdir)
+    tokenizer, tokenizer_file = _tokenizer_for(cfg, train_source, digest, say, workdir, init)
 
     common = dict(
         vocab_size=model_config.vocab_size,
@@ -528,27 +610,38 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         int(cfg.train.grad_accum_steps),
         vocab_chunk,
     )
-    model, schedule, abstract = built.model, built.schedule, built.abstract
+    schedule, abstract = built.schedule, built.abstract
     train_step, eval_step = built.train_step, built.eval_step
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    stored_config = cfg
+    if cfg.train.get("init_from"):
+        # the model this run trains, whole: the checkpoints then describe themselves
+        # (generate, embed and further fine-tunes read them without this run's base)
+        stored_config = cfg.to_dict()
+        stored_config["model"] = model_config_fields(model_config)
     ckpt = Checkpointer(
         ckpt_dir,
         keep=int(cfg.train.keep_checkpoints),
         async_save=bool(cfg.train.get("async_checkpoints", True)),
-        config=cfg,
+        config=stored_config,
     )
     if ckpt.latest_step() is not None:
         check_checkpoint_model(ckpt_dir, model_config)
     if jax.process_index() == 0:
         tok_lib.save_to_workdir(tokenizer_file, workdir)
-    state, start = step_lib.init_or_restore(
-        ckpt,
-        built.init,
-        abstract,
-        jax.random.key_data(jax.random.key(int(cfg.train.seed))),
-        train_iter,
-        say,
-    )
+    rng = jax.random.key_data(jax.random.key(int(cfg.train.seed)))
+    if init is not None and ckpt.latest_step() is None:
+        step_text = "the latest step" if init.step is None else f"step {init.step}"
+        say(
+            f"fine-tuning from {init.checkpoint_dir} ({step_text}): params only, fresh "
+            "optimiser state, step 0"
+        )
+        # read straight onto the train shardings, each host its own shards; the
+        # optimiser state stored there (none, for converted models) is never read
+        params = restore_params(init.checkpoint_dir, abstract.params, init.step)
+        state, start = built.from_params(params, rng), None
+    else:
+        state, start = step_lib.init_or_restore(ckpt, built.init, abstract, rng, train_iter, say)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     say(
         f"model: {n_params / 1e6:.2f}M params, dim {model_config.dim}, "
@@ -632,9 +725,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     prompt = cfg.train.get("sample_prompt") or ""
     n_new = int(cfg.train.get("sample_tokens") or 0)
     if prompt and n_new and not summary["preempted"]:
-        sample = greedy_sample(model, state.params, tokenizer, prompt, n_new)
-        summary["sample"] = sample
-        say("greedy sample:\n" + prompt + sample)
+        room = model_config.max_seq_len - len(tokenizer.encode(prompt, bos=True))
+        if room <= 0:
+            say(f"no sample: the prompt fills the model's max_seq_len {model_config.max_seq_len}")
+        else:
+            if n_new > room:
+                say(f"sample: {room} new tokens (max_seq_len {model_config.max_seq_len})")
+            sample = generate(
+                model_config,
+                state.params,
+                tokenizer,
+                [prompt],
+                max_new_tokens=min(n_new, room),
+                mesh=mesh,
+            )[0]
+            summary["sample"] = sample
+            say("greedy sample:\n" + prompt + sample)
     summary["seconds"] = time.perf_counter() - t_run
     say(f"done in {summary['seconds']:.0f}s; workdir {workdir}")
     return summary
