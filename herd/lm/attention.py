@@ -54,6 +54,12 @@ Backends (``impl``):
     K/V are repeated ``H/KV`` times (a documented copy this kernel forces). Off GPU it
     runs in Pallas interpret mode (the tests do so on CPU). Sequence length must be a
     multiple of 64 (or at most 32) and head_dim a power of two.
+
+On a device mesh (the ``jax.set_mesh`` herd's train and generate steps run under) the two
+Pallas kernels run under ``jax.shard_map``, each device on its own batch rows and heads,
+so q/k/v are never gathered (XLA cannot see into a kernel to partition it). Decode over
+the KV cache (:func:`decode_attention`) stays on the 'xla' path: one query row per step
+is bound by reading the cache, which a fused kernel does not read faster.
 """
 
 from __future__ import annotations
@@ -169,11 +175,11 @@ def attention(
     elif impl == "xla":
         out = _xla(q, k, v, segment_ids, causal)
     elif impl == "splash":
-        out = _splash(q, k, v, segment_ids, causal)
+        out = _per_device(functools.partial(_splash, causal=causal), q, k, v, segment_ids)
     elif impl == "cudnn":
         out = _cudnn(q, k, v, segment_ids, causal)
     else:  # pallas_gpu
-        out = _pallas_gpu(q, k, v, segment_ids, causal)
+        out = _per_device(functools.partial(_pallas_gpu, causal=causal), q, k, v, segment_ids)
     out = out.astype(q.dtype)
     if segment_ids is not None:
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
@@ -393,6 +399,58 @@ def _flash_bwd(causal, chunk, extents, res, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _kernel_specs(mesh, batch: int, kv_heads: int):
+    """PartitionSpecs for a kernel's q/k/v ``[B, T, heads, D]`` and segment ids ``[B, T]``
+    on ``mesh``: the batch split over the data-parallel axes and the heads over 'tensor',
+    as the activations are (LM_RULES), so calling the kernel moves no data. An axis that
+    does not divide the batch (or the KV heads) is left out, i.e. that dimension is
+    replicated for the kernel call."""
+    from jax.sharding import PartitionSpec as P
+
+    from herd.core.mesh import BATCH_AXES
+
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    batch_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    if batch_axes and batch % math.prod(sizes[a] for a in batch_axes):
+        batch_axes = ()
+    tensor = sizes.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and kv_heads % tensor == 0 else None
+    batch_spec = batch_axes if batch_axes else None
+    return P(batch_spec, None, heads, None), P(batch_spec, None)
+
+
+def _per_device(kernel, q, k, v, segment_ids):
+    """``kernel(q, k, v, segment_ids)`` on each device's block under ``jax.shard_map``.
+
+    A Pallas kernel is opaque to XLA's sharding propagation: called on arrays sharded over
+    a mesh, XLA would gather q/k/v onto every device first. Under the mesh set with
+    ``jax.set_mesh`` (as herd's train and generate steps run) each device instead runs
+    the kernel on its own batch rows and heads; attention is independent across both,
+    so no communication is needed. Without a mesh (or one device) the kernel is called
+    directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    qkv_spec, seg_spec = _kernel_specs(mesh, q.shape[0], k.shape[2])
+    if segment_ids is None:
+        fn = jax.shard_map(
+            lambda q_, k_, v_: kernel(q_, k_, v_, None),
+            mesh=mesh,
+            in_specs=(qkv_spec, qkv_spec, qkv_spec),
+            out_specs=qkv_spec,
+            check_vma=False,
+        )
+        return fn(q, k, v)
+    fn = jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return fn(q, k, v, segment_ids)
 
 
 def _splash_kernel(n_heads: int, t: int, s: int, causal: bool, interpret: bool):
