@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import random
@@ -355,21 +356,47 @@ class TiktokenTokenizer:
             ),
         )
         self.path = os.fspath(path)
-        ranks = load_tiktoken_ranks(self.path)
-        self.fingerprint = _file_sha256(self.path)
-        self.num_base_tokens = len(ranks)
-        if special_tokens is None:
-            special_tokens = llama3_special_tokens()
-        if len(set(special_tokens)) != len(special_tokens):
-            raise ValueError("special_tokens has duplicates")
-        self.special_tokens = {t: self.num_base_tokens + i for i, t in enumerate(special_tokens)}
-        self._model = tiktoken.Encoding(
-            name=name or os.path.basename(self.path),
-            pat_str=pat_str,
-            mergeable_ranks=ranks,
-            special_tokens=self.special_tokens,
-        )
-        self.vocab_size = self.num_base_tokens + len(self.special_tokens)
+        self.fingerprint = _file_sha256(self.path) if os.path.isfile(self.path) else None
+        if is_tokenizer_json(self.path):
+            if special_tokens is not None:
+                raise ValueError(
+                    f"{self.path} is a tokenizer.json: its added tokens are the special tokens "
+                    "(special_tokens cannot be given)"
+                )
+            spec = read_tokenizer_json(self.path)
+            ranks, pat_str, self.special_tokens = spec.ranks, spec.pat_str, spec.special_tokens
+            self.num_base_tokens = len(ranks)
+            self.vocab_size = spec.vocab_size
+            self.merges_exact = spec.tiktoken_exact
+            if spec.tiktoken_exact:
+                self._model = tiktoken.Encoding(
+                    name=name or os.path.basename(self.path),
+                    pat_str=pat_str,
+                    mergeable_ranks=ranks,
+                    special_tokens=self.special_tokens,
+                )
+            else:
+                self._model = MergesBPE(spec)
+            bos_token = spec.bos_token or bos_token
+            eos_token = spec.eos_token or eos_token
+        else:
+            ranks = load_tiktoken_ranks(self.path)
+            self.num_base_tokens = len(ranks)
+            if special_tokens is None:
+                special_tokens = llama3_special_tokens()
+            if len(set(special_tokens)) != len(special_tokens):
+                raise ValueError("special_tokens has duplicates")
+            self.special_tokens = {
+                t: self.num_base_tokens + i for i, t in enumerate(special_tokens)
+            }
+            self._model = tiktoken.Encoding(
+                name=name or os.path.basename(self.path),
+                pat_str=pat_str,
+                mergeable_ranks=ranks,
+                special_tokens=self.special_tokens,
+            )
+            self.vocab_size = self.num_base_tokens + len(self.special_tokens)
+            self.merges_exact = True
         for tok in (bos_token, eos_token):
             if tok not in self.special_tokens:
                 raise ValueError(f"special token {tok!r} missing from special_tokens")
@@ -430,7 +457,15 @@ class TiktokenTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         arr = check_token_ids(ids, self.vocab_size, "decode")
-        return self._model.decode(arr.reshape(-1).tolist())
+        try:
+            return self._model.decode(arr.reshape(-1).tolist())
+        except KeyError as e:  # an id in a gap of a tokenizer.json vocabulary
+            raise ValueError(f"token id {e.args[0]} is not in the vocabulary of {self!r}") from None
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The raw bytes of `ids` (special tokens as their text): for incremental decoding."""
+        arr = check_token_ids(ids, self.vocab_size, "decode")
+        return self._model.decode_bytes(arr.reshape(-1).tolist())
 
     def id_to_piece(self, i: int) -> str:
         check_token_ids([i], self.vocab_size)
@@ -468,6 +503,299 @@ def _split_for_tiktoken(text: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE, the Llama 3 kind)
+# --------------------------------------------------------------------------------------------
+
+# GPT-2's pre-tokenizer regex: what a ByteLevel pre-tokenizer with use_regex=True splits by.
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in
+    (printable Latin-1 bytes map to themselves, the others to U+0100 onwards in byte order)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def is_tokenizer_json(path: str | os.PathLike) -> bool:
+    """Whether the file starts like a JSON object (a Hugging Face tokenizer.json)."""
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
+class TokenizerJsonSpec:
+    """What herd takes from a byte-level BPE tokenizer.json (see read_tokenizer_json)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _json_type(node) -> str | None:
+    return node.get("type") if isinstance(node, dict) else None
+
+
+def _sentencepiece_style(d: dict) -> bool:
+    """Metaspace / '\u2581' pre-tokenizer, normaliser or decoder, or byte fallback: a
+    SentencePiece BPE exported as tokenizer.json (Llama 1/2, Code Llama)."""
+    text = json.dumps({k: d.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")})
+    model = d.get("model") or {}
+    return (
+        "Metaspace" in text
+        or SPM_SPACE in text
+        or "\\u2581" in text
+        or bool(model.get("byte_fallback"))
+    )
+
+
+def _pre_tokenizer_pattern(pre, where: str) -> str:
+    """The regex of a Llama-3-style pre-tokenizer: Split(Regex, Isolated) + ByteLevel(no
+    regex), or ByteLevel alone (GPT-2's regex); no prefix space."""
+    kind = _json_type(pre)
+    steps = pre.get("pretokenizers", []) if kind == "Sequence" else [pre]
+    byte_level = [s for s in steps if _json_type(s) == "ByteLevel"]
+    splits = [s for s in steps if _json_type(s) == "Split"]
+    if len(byte_level) != 1 or len(splits) + len(byte_level) != len(steps) or len(splits) > 1:
+        raise ValueError(
+            f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not supported (herd reads a "
+            "Split(Regex, 'Isolated') followed by ByteLevel, or ByteLevel alone)"
+        )
+    bl = byte_level[0]
+    if bl.get("add_prefix_space"):
+        raise ValueError(f"{where}: ByteLevel add_prefix_space=true is not supported")
+    if splits:
+        sp = splits[0]
+        pattern = (sp.get("pattern") or {}).get("Regex")
+        if (
+            pattern is None
+            or sp.get("behavior") != "Isolated"
+            or sp.get("invert")
+            or bl.get("use_regex", True)
+            or steps[-1] is not bl
+        ):
+            raise ValueError(
+                f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not supported (herd reads "
+                "Split(pattern=Regex, behavior='Isolated', invert=false) then "
+                "ByteLevel(use_regex=false))"
+            )
+        return pattern
+    if not bl.get("use_regex", True):
+        raise ValueError(f"{where}: a ByteLevel pre-tokenizer without a regex splits nothing")
+    return GPT2_PAT_STR
+
+
+def read_tokenizer_json(path: str | os.PathLike) -> TokenizerJsonSpec:
+    """Reads a Hugging Face fast-tokenizer file of byte-level BPE (Llama 3's tokenizer.json).
+
+    Returns the BPE ranks (token bytes -> id, from the vocabulary through GPT-2's
+    byte-to-unicode map), the merges as byte pairs, the pre-tokenizer regex, the added
+    tokens with their ids (herd's special tokens), bos/eos names and ``tiktoken_exact``:
+    whether tiktoken's rule (merge the adjacent pair whose concatenation has the lowest
+    rank) gives the ids HF's BPE does (merge the pair listed first in ``merges``). That holds
+    when the merges are every split of every token into two tokens, ordered by the merged
+    token's id, and the whole-word lookup is on (``ignore_merges``): files converted from
+    tiktoken (transformers' TikTokenConverter, Llama 3's). Other files (e.g. one trained by
+    the ``tokenizers`` library) are encoded with HF's rule by :class:`MergesBPE`.
+
+    A SentencePiece-style BPE (Metaspace, byte fallback: Llama 2 / Code Llama) raises a
+    ValueError that says to use its tokenizer.model.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or "vocab" not in model:
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)")
+    if model.get("type", "BPE") != "BPE":
+        raise ValueError(f"{path}: model type {model.get('type')!r} is not supported (BPE only)")
+    if _sentencepiece_style(d):
+        raise ValueError(
+            f"{path} is a SentencePiece-style BPE (Metaspace / byte fallback, as Llama 2 and "
+            "Code Llama's): load the SentencePiece tokenizer.model next to it instead"
+        )
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ValueError(f"{path}: BPE {key}={model[key]!r} is not supported")
+    if d.get("normalizer") is not None:
+        raise ValueError(
+            f"{path}: normalizer {json.dumps(d['normalizer'])[:120]} is not supported "
+            "(byte-level BPE files such as Llama 3's have none)"
+        )
+    pat_str = _pre_tokenizer_pattern(d.get("pre_tokenizer"), path)
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def to_bytes(token: str) -> bytes:
+        try:
+            return bytes(byte_of[c] for c in token)
+        except KeyError as e:
+            raise ValueError(
+                f"{path}: vocabulary token {token!r} has the character {e.args[0]!r}, which "
+                "is outside the byte-level alphabet (not a byte-level BPE)"
+            ) from None
+
+    added = {}
+    for a in d.get("added_tokens") or []:
+        added[a["content"]] = int(a["id"])
+    ranks: dict[bytes, int] = {}
+    for token, i in model["vocab"].items():
+        if token in added and added[token] == i:
+            continue  # a special token also listed in the vocabulary (trainer output)
+        ranks[to_bytes(token)] = int(i)
+    ids = list(ranks.values()) + list(added.values())
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: vocabulary and added tokens share ids")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} of the 256 bytes are not tokens (e.g. {missing[0]})"
+        )
+    merges = []
+    for m in model.get("merges") or []:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        merges.append((to_bytes(a), to_bytes(b)))
+    tiktoken_exact = bool(model.get("ignore_merges")) and _merges_are_tiktoken(ranks, merges)
+    bos = eos = None
+    for name in ("<|begin_of_text|>", "<s>", "<|endoftext|>"):
+        if name in added:
+            bos = bos or name
+    for name in ("<|end_of_text|>", "</s>", "<|endoftext|>"):
+        if name in added:
+            eos = eos or name
+    return TokenizerJsonSpec(
+        ranks=ranks,
+        merges=merges,
+        special_tokens=added,
+        pat_str=pat_str,
+        vocab_size=max(ids) + 1,
+        ignore_merges=bool(model.get("ignore_merges")),
+        tiktoken_exact=tiktoken_exact,
+        bos_token=bos,
+        eos_token=eos,
+    )
+
+
+def _merges_are_tiktoken(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]]) -> bool:
+    """Whether `merges` are all two-token splits of all tokens, by the merged token's rank."""
+    last = -1
+    for a, b in merges:
+        r = ranks.get(a + b)
+        if r is None or r < last:
+            return False
+        last = r
+    n_splits = 0
+    for tok in ranks:
+        n_splits += sum(1 for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks)
+    return n_splits == len(set(merges)) == len(merges)
+
+
+class MergesBPE:
+    """Byte-level BPE with Hugging Face's rule: the adjacent pair listed first in the merges
+    is merged, one occurrence at a time, leftmost first (tokenizers' ``Word::merge_all``);
+    a whole pre-token found in the vocabulary is one token when ``ignore_merges``. The
+    tiktoken.Encoding methods TiktokenTokenizer uses, in Python (with a pre-token cache)."""
+
+    def __init__(self, spec: TokenizerJsonSpec):
+        import regex
+
+        self._ranks = spec.ranks
+        self._merge_rank: dict[tuple[bytes, bytes], int] = {}
+        for i, pair in enumerate(spec.merges):
+            self._merge_rank.setdefault(pair, i)
+        self._ignore_merges = spec.ignore_merges
+        self._special = dict(spec.special_tokens)
+        self._decoder = {i: t for t, i in spec.ranks.items()}
+        self._decoder.update({i: t.encode("utf-8") for t, i in spec.special_tokens.items()})
+        self._pat = regex.compile(spec.pat_str)
+        self._cache: dict[str, list[int]] = {}
+
+    def _bpe(self, piece: bytes) -> list[int]:
+        if self._ignore_merges and piece in self._ranks:
+            return [self._ranks[piece]]
+        parts = [piece[i : i + 1] for i in range(len(piece))]
+        rank = self._merge_rank
+        while len(parts) > 1:
+            best, at = None, -1
+            for i in range(len(parts) - 1):
+                r = rank.get((parts[i], parts[i + 1]))
+                if r is not None and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            parts[at : at + 2] = [parts[at] + parts[at + 1]]
+        return [self._ranks[p] for p in parts]
+
+    def _pieces(self, text: str) -> Iterator[str]:
+        """HF's Split(..., 'Isolated'): the matches and the text between them."""
+        end = 0
+        for m in self._pat.finditer(text):
+            if m.start() > end:
+                yield text[end : m.start()]
+            if m.end() > m.start():
+                yield m.group()
+            end = m.end()
+        if end < len(text):
+            yield text[end:]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        out: list[int] = []
+        for piece in self._pieces(text):
+            ids = self._cache.get(piece)
+            if ids is None:
+                ids = self._bpe(piece.encode("utf-8"))
+                if len(self._cache) < 200_000:
+                    self._cache[piece] = ids
+            out.extend(ids)
+        return out
+
+    def encode_ordinary_batch(self, texts, num_threads: int = 1) -> list[list[int]]:
+        del num_threads
+        return [self.encode_ordinary(t) for t in texts]
+
+    def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        allowed = set(self._special) if allowed_special == "all" else set(allowed_special)
+        disallowed = (
+            set(self._special) - allowed if disallowed_special == "all" else set(disallowed_special)
+        )
+        for tok in disallowed:
+            if tok in text:
+                raise ValueError(f"the text contains the disallowed special token {tok!r}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        import regex
+
+        pat = "|".join(regex.escape(t) for t in sorted(allowed, key=len, reverse=True))
+        out: list[int] = []
+        end = 0
+        for m in regex.finditer(pat, text):
+            out += self.encode_ordinary(text[end : m.start()]) + [self._special[m.group()]]
+            end = m.end()
+        return out + self.encode_ordinary(text[end:])
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self._decoder[i] for i in ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_single_token_bytes(self, i: int) -> bytes:
+        return self._decoder[i]
+
+    def encode_single_token(self, piece: bytes) -> int:
+        if piece in self._ranks:
+            return self._ranks[piece]
+        raise KeyError(piece)
+
+
+# --------------------------------------------------------------------------------------------
 # Loading and training
 # --------------------------------------------------------------------------------------------
 
@@ -475,7 +803,8 @@ _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=*[ \t]+\d+\s*$")
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs) -> SentencePieceTokenizer | TiktokenTokenizer:
-    """Loads a SentencePiece ``.model`` or a tiktoken BPE file, telling them apart by content.
+    """Loads a SentencePiece ``.model``, a tiktoken BPE file or a Hugging Face byte-level BPE
+    ``tokenizer.json`` (as a TiktokenTokenizer), telling them apart by content.
 
     kwargs go to the class (``exact`` for SentencePiece; ``special_tokens``, ``pat_str`` for
     tiktoken). Missing file: FileNotFoundError; unreadable: ValueError naming the path.
@@ -488,7 +817,7 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> SentencePieceTokenizer 
     if not head:
         raise ValueError(f"tokenizer file {path!r} is empty")
     first_line = head.split(b"\n", 1)[0]
-    if _TIKTOKEN_LINE.match(first_line):
+    if _TIKTOKEN_LINE.match(first_line) or head.lstrip().startswith(b"{"):
         return TiktokenTokenizer(path, **kwargs)
     return SentencePieceTokenizer(path, **kwargs)
 
@@ -689,9 +1018,11 @@ def save_to_workdir(path: str | os.PathLike, workdir: str | os.PathLike) -> str:
 
     folder = os.path.join(os.fspath(workdir), WORKDIR_TOKENIZER_DIR)
     target = os.path.join(folder, os.path.basename(os.fspath(path)))
-    existing = [os.path.join(folder, f) for f in sorted(os.listdir(folder))] if os.path.isdir(
-        folder
-    ) else []
+    existing = (
+        [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+        if os.path.isdir(folder)
+        else []
+    )
     for other in existing:
         if _file_sha256(other) == _file_sha256(path):
             return other
@@ -711,9 +1042,11 @@ def save_to_workdir(path: str | os.PathLike, workdir: str | os.PathLike) -> str:
 def workdir_tokenizer_path(workdir: str | os.PathLike) -> str:
     """The tokenizer file a training run kept in `workdir` (FileNotFoundError if none)."""
     folder = os.path.join(os.fspath(workdir), WORKDIR_TOKENIZER_DIR)
-    files = sorted(f for f in os.listdir(folder) if not f.endswith(".partial")) if (
-        os.path.isdir(folder)
-    ) else []
+    files = (
+        sorted(f for f in os.listdir(folder) if not f.endswith(".partial"))
+        if (os.path.isdir(folder))
+        else []
+    )
     if len(files) != 1:
         raise FileNotFoundError(
             f"{folder!r} should hold the one tokenizer file of the run (found {files}); "

@@ -260,3 +260,149 @@ def test_llama_style_sentencepiece_model(tmp_path, files):
     for text in ["hello world", "a\u2581b", "  x = 1\n"]:
         assert tok.encode(text) == ref.encode(text)
     assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+# --------------------------------------------------------------- HF tokenizer.json (Llama 3)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory, files):
+    """(tokenizer.json trained by the HF `tokenizers` library, Llama 3's pre-tokenizer and
+    a few special tokens; tokenizer.json converted from a tiktoken file by transformers'
+    TikTokenConverter, as Llama 3's is; that tiktoken file; held-out stdlib files)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("hfjson")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tl.LLAMA3_PAT_STR), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files[::60]], trainer)
+    trained = str(out / "trained.json")
+    tok.save(trained)
+    # its BPE as a tiktoken file (ranks = ids without the specials), then HF's conversion
+    import json
+
+    byte_of = {c: b for b, c in tl.bytes_to_unicode().items()}
+    vocab = json.loads(_read(trained))["model"]["vocab"]
+    ranks = {
+        bytes(byte_of[c] for c in t): i - len(specials)
+        for t, i in vocab.items()
+        if t not in specials
+    }
+    tiktoken_file = str(out / "tokenizer.model")
+    tl.write_tiktoken_ranks(ranks, tiktoken_file)
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    conv = TikTokenConverter(
+        vocab_file=tiktoken_file, extra_special_tokens=tl.llama3_special_tokens("llama3.1")
+    ).converted()
+    converted = str(out / "converted.json")
+    conv.save(converted)
+    held_out, _ = stdlib_files("eval", eval_fraction=0.05)
+    return trained, converted, tiktoken_file, held_out[:25]
+
+
+def _parity(ours, ref, texts):
+    """(texts whose ids equal, ids compared); asserts decode(ids) == HF's decode too. HF
+    splits special-token text out by default: herd when asked (allowed_special='all')."""
+    same = n = 0
+    for text in texts:
+        want = ref.encode(text, add_special_tokens=False).ids
+        got = ours.encode(text, allowed_special="all")
+        same += got == want
+        n += len(want)
+        assert ours.decode(want) == ref.decode(want, skip_special_tokens=False)
+    return same, n
+
+
+def test_tokenizer_json_trained_bpe_matches_hf(hf_json):
+    """A BPE trained by `tokenizers` (merges not tiktoken-complete: HF's merge rule in
+    Python) encodes the held-out stdlib files with HF's ids, specials included."""
+    from tokenizers import Tokenizer
+
+    trained, _, _, held_out = hf_json
+    ref = Tokenizer.from_file(trained)
+    tok = tl.load_tokenizer(trained)
+    assert isinstance(tok, tl.TiktokenTokenizer) and not tok.merges_exact
+    assert tok.vocab_size == ref.get_vocab_size() == 800
+    assert tok.special_tokens == {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2}
+    assert (tok.bos_id, tok.eos_id, tok.eot_id) == (0, 1, 2)
+    texts = [_read(f) for f in held_out] + [t for t in TRICKY if t]
+    same, n = _parity(tok, ref, texts)
+    print(f"trained tokenizer.json: {same}/{len(texts)} texts, {n} ids identical to HF")
+    assert same == len(texts)
+    chat = "<|begin_of_text|>user: hi<|eot_id|>\n  x = '<|eot_id|>'  <|end_of_text|>"
+    want = ref.encode(chat, add_special_tokens=False).ids
+    assert tok.encode(chat, allowed_special="all") == want
+    assert want.count(2) == 2 and want[0] == 0
+    assert tok.decode(want) == ref.decode(want, skip_special_tokens=False) == chat
+    assert 2 not in tok.encode(chat)  # special text is plain text unless allowed
+    assert tok.encode("x", bos=True, eos=True) == [0, *ref.encode("x").ids, 1]
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode(texts[0]) == tok.encode(texts[0])
+
+
+def test_tokenizer_json_converted_from_tiktoken_matches_hf(hf_json):
+    """Llama 3's kind of file (TikTokenConverter: every split a merge, ignore_merges):
+    encoded by tiktoken itself, ids identical to HF's and to the tiktoken file's."""
+    from tokenizers import Tokenizer
+
+    _, converted, tiktoken_file, held_out = hf_json
+    ref = Tokenizer.from_file(converted)
+    tok = tl.load_tokenizer(converted)
+    plain = tl.load_tokenizer(tiktoken_file, special_tokens=tl.llama3_special_tokens("llama3.1"))
+    assert tok.merges_exact
+    assert tok.vocab_size == plain.vocab_size == ref.get_vocab_size()
+    assert tok.special_tokens == plain.special_tokens
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == (
+        plain.bos_id, plain.eos_id, plain.eot_id, plain.pad_id
+    )  # fmt: skip
+    texts = [_read(f) for f in held_out] + [t for t in TRICKY if t]
+    same, n = _parity(tok, ref, texts)
+    print(f"converted tokenizer.json: {same}/{len(texts)} texts, {n} ids identical to HF")
+    assert same == len(texts)
+    assert all(tok.encode(t) == plain.encode(t) for t in texts)
+    assert tok.encode(TRICKY[-1]) == plain.encode(TRICKY[-1])  # specials as plain text
+    chat = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+    assert tok.encode(chat, allowed_special="all") == ref.encode(chat).ids
+
+
+def test_tokenizer_json_errors(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    spm_like = tokenizers.Tokenizer(
+        models.BPE(vocab={"<unk>": 0, "\u2581a": 1, "a": 2}, merges=[], byte_fallback=True)
+    )
+    spm_like.pre_tokenizer = pre_tokenizers.Metaspace()
+    spm_like.decoder = decoders.Metaspace()
+    path = str(tmp_path / "tokenizer.json")
+    spm_like.save(path)
+    with pytest.raises(ValueError, match="SentencePiece-style.*tokenizer.model"):
+        tl.load_tokenizer(path)
+    wp = tokenizers.Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wp.save(path)
+    with pytest.raises(ValueError, match="model type 'WordPiece'"):
+        tl.load_tokenizer(path)
+    with open(path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        tl.load_tokenizer(path)
