@@ -1,0 +1,15 @@
+"""ViT-S with 36 sequential blocks: the baseline of vit_s_18x2.py ("Three things", sec. 3).
+
+Same parameters and FLOPs as ViT-S 18 x 2; same recipe (DeiT III at 224, ViT-S lr;
+drop path 0.1 and 400 epochs: verify against the paper's Table 1).
+"""
+
+from configs.vision.common import deit3_config
+
+
+def get_config(arg=None):
+    del arg
+    c = deit3_config("vit_s", image_size=224, epochs=400.0, drop_path=0.1)
+    c.model.depth = 36
+    c.model.n_parallel = 1
+    return c
