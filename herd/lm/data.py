@@ -6,10 +6,13 @@ Public API::
     make_lm_iterator(source, tokenizer, *, seq_len, batch_size, seed, shuffle=True,
         num_epochs=None, shard_index=None, shard_count=None, worker_count=0,
         add_bos=True, add_eos=True, packing='concat', vocab_size=None, read_threads=2,
-        fim_rate=0.0, fim_spm_rate=0.5)
+        fim_rate=0.0, fim_spm_rate=0.5, max_doc_chars=0)
         -> grain DatasetIterator yielding batch dicts (see below); shard_index/shard_count
         None mean jax.process_index()/jax.process_count().
     sample_texts(source, n=0) -> list[str]  # documents as text (corrupt ones skipped)
+    split_code_document(text, max_chars) -> list[str]  # cut at top-level statements
+    CodeDocumentSource(source, max_chars)   # a record source of those pieces
+    code_documents(source, max_chars) -> list[str]
     herd.lm.packing.PackedBatchIterator.counters  # docs, tokens, rows, skipped_* ...
     StagedIterator(make, stages)  # batches whose shape follows a batch-size ramp
                                   # (stages: herd.lm.ramp.batch_stages)
@@ -29,6 +32,12 @@ disjoint) -> shuffle(seed) (a new permutation every epoch) -> repeat(num_epochs)
 (decode + tokenize + BOS/EOS + vocabulary check; worker threads) -> to_iter_dataset ->
 PackedBatchIterDataset (herd.lm.packing: packing + batching) [-> mp_prefetch when
 worker_count > 0].
+
+Documents: one per record; with ``max_doc_chars`` > 0 each text record is first cut into
+documents of at most that many characters before top-level statements
+(``split_code_document``, ``CodeDocumentSource``; the shuffle then mixes the pieces), the
+small-scale stand-in for Code Llama's long contexts that lets FIM reach most code documents
+in short rows. It applies to text with and without FIM alike.
 
 Fill-in-the-middle (Code Llama, herd.lm.fim): with ``fim_rate`` > 0 each text document goes
 through ``FimTransform(tokenizer, rate=fim_rate, spm_rate=fim_spm_rate, max_tokens=seq_len)``
@@ -137,6 +146,156 @@ def stdlib_files(
             content = hashlib.sha256(f.read()).hexdigest()
         digest.update(f"{rel}\0{content}\n".encode())
     return [os.path.join(root, r) for r in rels], digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Code files -> documents of at most max_doc_chars characters
+# --------------------------------------------------------------------------------------------
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _blocks(lines: list[str], depth: int) -> list[list[str]]:
+    """``lines`` cut before each line that starts a statement at indentation ``depth``. A
+    decorator or comment line at that indentation stays with the statement after it, and
+    a line that closes a bracket (``)``, ``]``, ``}``) never starts a block."""
+    blocks: list[list[str]] = [[lines[0]]]
+
+    def glues(line: str) -> bool:  # a decorator / comment: belongs to what follows
+        return _indent(line) == depth and line.strip()[:1] in ("@", "#")
+
+    prev_glues = bool(lines[0].strip()) and glues(lines[0])
+    for ln in lines[1:]:
+        stripped = ln.strip()
+        starts = bool(stripped) and _indent(ln) == depth and stripped[0] not in ")]}"
+        if starts and not prev_glues:
+            blocks.append([ln])
+        else:
+            blocks[-1].append(ln)
+        if stripped:
+            prev_glues = glues(ln)
+    return blocks
+
+
+def _statements(lines: list[str]) -> list[list[str]]:
+    """``lines`` cut before the statements of the outermost indentation that cuts them at
+    all (top level first, then e.g. a class's methods, then a body's lines), else into
+    single lines."""
+    for depth in sorted({_indent(ln) for ln in lines[1:] if ln.strip()}):
+        blocks = _blocks(lines, depth)
+        if len(blocks) > 1:
+            return blocks
+    return [[ln] for ln in lines]
+
+
+def _pack(lines: list[str], max_chars: int) -> list[str]:
+    text = "".join(lines)
+    if len(text) <= max_chars:
+        return [text]
+    if len(lines) == 1:  # one over-long line: cut it into pieces of max_chars characters
+        return [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
+    units: list[str] = []  # statements, an over-long one replaced by its own pieces
+    for block in _statements(lines):
+        piece = "".join(block)
+        units.extend(_pack(block, max_chars) if len(piece) > max_chars else [piece])
+    out: list[str] = []
+    current = ""
+    for unit in units:  # as many consecutive units per document as fit
+        if current and len(current) + len(unit) > max_chars:
+            out.append(current)
+            current = ""
+        current += unit
+    if current:
+        out.append(current)
+    return out
+
+
+def split_code_document(text: str, max_chars: int) -> list[str]:
+    """A source file cut into consecutive documents of at most ``max_chars`` characters,
+    ``"".join(pieces) == text``.
+
+    Cuts fall before top-level statements (column 0: ``def``, ``class``, imports,
+    assignments; a decorator or comment stays with what follows it), as many whole
+    statements per document as fit; a statement longer than ``max_chars`` is cut before
+    the statements at its next indentation level (a class's methods, a function's body
+    lines), recursively, and a single line longer than ``max_chars`` into pieces of
+    ``max_chars`` characters. Line-based (not a parser): a string literal with lines at
+    column 0 may be cut.
+
+    Why: Code Llama's FIM transform acts on whole documents that fit one training context
+    (4096 tokens at pre-training, 16384 for long-context fine-tuning; Roziere et al. 2023
+    sec. 2.3, 2.4). At the tiny scale of configs/lm/tiny_fim.py (rows of 256 tokens) most
+    standard-library files are far longer, so they would stay plain; cutting them into
+    top-level units is the small-scale stand-in that lets FIM reach most documents, applied
+    identically with and without FIM so that both see the same text.
+    """
+    if not isinstance(max_chars, (int, np.integer)) or isinstance(max_chars, bool):
+        raise TypeError(f"max_chars must be an int, got {max_chars!r}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    if not text:
+        return []
+    return [p for p in _pack(text.splitlines(keepends=True), int(max_chars)) if p]
+
+
+class CodeDocumentSource:
+    """A record source whose records are ``split_code_document(text, max_chars)`` pieces of
+    the text records of ``inner`` (a herd.core.data record source), in order.
+
+    Built by reading every record once (the piece counts); a record is re-read and re-split
+    when one of its pieces is asked for. Records that are not text (token ids, corrupt
+    bytes, missing fields) pass through as one record each, so the pipeline skips / counts
+    them as before.
+    """
+
+    kind = "text"
+    field = None
+
+    def __init__(self, inner, max_chars: int):
+        split_code_document("x", max_chars)  # TypeError / ValueError naming a bad max_chars
+        self.inner = inner
+        self.max_chars = int(max_chars)
+        self.name = f"{inner.name} in documents of <= {self.max_chars} chars"
+        record, piece = [], []
+        for i in range(len(inner)):
+            value = read_record(inner, i)
+            n = len(split_code_document(value, self.max_chars)) if isinstance(value, str) else 1
+            record.extend([i] * max(n, 1))
+            piece.extend(range(max(n, 1)))
+        self._record = np.asarray(record, np.int64)
+        self._piece = np.asarray(piece, np.int64)
+
+    def __len__(self) -> int:
+        return int(self._record.size)
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        return int(self._record[i]), int(self._piece[i])
+
+    def __getitem__(self, i: int):
+        r, p = self._locate(i)
+        value = read_record(self.inner, r)
+        if not isinstance(value, str):
+            return self.inner[r]  # the raw record: read_record reports it again
+        pieces = split_code_document(value, self.max_chars)
+        return pieces[p] if pieces else value
+
+    def describe(self, i: int) -> str:
+        r, p = self._locate(i)
+        return f"{self.inner.describe(r)} (document {p})"
+
+
+def code_documents(source, max_chars: int) -> list[str]:
+    """The text documents of a source (list of files, spec, or record source) cut by
+    ``split_code_document`` (corrupt / non-text records skipped)."""
+    src = make_source(source)
+    out: list[str] = []
+    for i in range(len(src)):
+        value = read_record(src, i)
+        if isinstance(value, str):
+            out.extend(split_code_document(value, max_chars))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +431,7 @@ def make_lm_dataset(
     tfds_data_dir: str | None = None,
     fim_rate: float = 0.0,
     fim_spm_rate: float = 0.5,
+    max_doc_chars: int = 0,
 ) -> grain.IterDataset:
     """The grain IterDataset behind make_lm_iterator (same arguments)."""
     if seq_len < 1 or batch_size < 1:
@@ -281,6 +441,10 @@ def make_lm_dataset(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
     check_fim_rates(fim_rate, fim_spm_rate)
+    if isinstance(max_doc_chars, bool) or not isinstance(max_doc_chars, (int, np.integer)):
+        raise ValueError(f"max_doc_chars must be an int (0 = whole records), got {max_doc_chars!r}")
+    if max_doc_chars < 0:
+        raise ValueError(f"max_doc_chars must be >= 0 (0 = whole records), got {max_doc_chars}")
     fim = None
     if fim_rate > 0:
         from herd.lm.fim import FimTransform
@@ -312,6 +476,8 @@ def make_lm_dataset(
     if not 0 <= tokenizer.pad_id < vocab_size:
         raise ValueError(f"pad id {tokenizer.pad_id} outside the vocabulary [0, {vocab_size})")
     src = make_source(source, tfds_data_dir=tfds_data_dir)
+    if max_doc_chars:  # before FIM: both see the same documents
+        src = CodeDocumentSource(src, int(max_doc_chars))
     ds = grain.MapDataset.range(len(src))[shard_index::shard_count]
     n = len(ds)
     if n == 0:
@@ -370,6 +536,7 @@ def make_lm_iterator(
     tfds_data_dir: str | None = None,
     fim_rate: float = 0.0,
     fim_spm_rate: float = 0.5,
+    max_doc_chars: int = 0,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of packed LM batches (see the module docstring).
 
@@ -383,6 +550,8 @@ def make_lm_iterator(
     worker packs its own slice of the documents (all tokens still seen exactly once per epoch,
     tested), so the batch order differs from worker_count=0: resume with the same worker_count;
     the counters then live only in the (per-worker) state; call ``close()`` when done.
+    fim_rate / fim_spm_rate: Code Llama's FIM (module docstring); max_doc_chars (0 = off):
+    text records cut into documents of at most that many characters first.
     """
     return iter(
         make_lm_dataset(
@@ -404,6 +573,7 @@ def make_lm_iterator(
             tfds_data_dir=tfds_data_dir,
             fim_rate=fim_rate,
             fim_spm_rate=fim_spm_rate,
+            max_doc_chars=max_doc_chars,
         )
     )
 

@@ -291,3 +291,125 @@ def test_tiny_fim_trains(tmp_path, _cache):
     # its tokenizer (trained here, cached apart from tiny.py's) has the sentinels
     tok = tl.load_tokenizer(tl.workdir_tokenizer_path(str(tmp_path / "w")))
     fim.FimTokens.from_tokenizer(tok)
+
+
+# ----------------------------------------------------------------- documents of max_doc_chars
+
+CODE = '''"""Module docstring."""
+import os
+import sys
+
+X = 1
+
+
+@decorator
+def f(a):
+    """f's docstring."""
+    return a + 1
+
+
+# a comment about C
+class C:
+    def m(self):
+        return (
+            1
+        )
+
+    def n(self):
+        pass
+
+
+if __name__ == "__main__":
+    f(2)
+'''
+
+
+def test_split_code_document_cuts_before_top_level_statements():
+    pieces = dl.split_code_document(CODE, 120)
+    assert "".join(pieces) == CODE and all(0 < len(p) <= 120 for p in pieces)
+    # whole top-level statements, as many as fit; a decorator / comment stays with its
+    # statement
+    assert pieces[1].startswith("# a comment about C\nclass C:\n") and "def n" in pieces[1]
+    assert pieces[2] == 'if __name__ == "__main__":\n    f(2)\n'
+    assert dl.split_code_document(CODE, len(CODE)) == [CODE]  # fits: one document
+    # 'class C' (> 80 chars) is cut before its methods, not between the comment and it
+    small = dl.split_code_document(CODE, 80)
+    assert "".join(small) == CODE and all(len(p) <= 80 for p in small)
+    assert "# a comment about C\nclass C:\n" in small
+    assert "@decorator\ndef f(a):\n" in small[1]
+    method_m = "    def m(self):\n        return (\n            1\n        )\n"
+    assert any(p.startswith(method_m) for p in small)
+    for size in (30, 60, 80, 120):  # never before a closing bracket or after a decorator
+        for p in dl.split_code_document(CODE, size)[1:]:
+            assert p.lstrip()[:1] not in (")", "]", "}") and not p.startswith("def f"), (size, p)
+
+
+def test_split_code_document_long_lines_and_bad_sizes():
+    text = "x = '" + "a" * 250 + "'\ny = 2\n"
+    pieces = dl.split_code_document(text, 100)
+    assert "".join(pieces) == text and all(len(p) <= 100 for p in pieces)
+    assert dl.split_code_document("", 10) == []
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"max_chars must be >= 1, got {bad}"):
+            dl.split_code_document(text, bad)
+    with pytest.raises(TypeError, match="max_chars must be an int"):
+        dl.split_code_document(text, 1.5)
+
+
+def test_split_code_document_on_stdlib_round_trips():
+    files, _ = dl.stdlib_files("train")
+    n_docs = n_files = 0
+    for path in files[::25]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        pieces = dl.split_code_document(text, 400)
+        assert "".join(pieces) == text, path
+        assert all(0 < len(p) <= 400 for p in pieces), path
+        n_docs, n_files = n_docs + len(pieces), n_files + 1
+    assert n_docs > 10 * n_files  # stdlib files are long: many documents per file
+
+
+def test_max_doc_chars_pipeline_same_text_with_and_without_fim(tmp_path):
+    # files of several top-level blocks: cut into documents, each packed as its own
+    # document with BOS/EOS; FIM (rate 1) then reaches every one of them
+    paths = []
+    for i in range(6):
+        body = "".join(f"def f{i}_{k}(x):\n    return x + {k}\n\n" for k in range(12))
+        p = tmp_path / f"m{i}.py"
+        p.write_text(body, encoding="utf-8")
+        paths.append(str(p))
+    expected = sorted(d for p in paths for d in dl.split_code_document(open(p).read(), 120))
+    assert len(expected) > 6 * 3
+    plain = list(it(paths, BYTE, seq_len=160, num_epochs=1, max_doc_chars=120))
+    got = sorted(BYTE.decode(d[1:-1]) for d in documents(plain, BYTE.bos_id))
+    assert got == expected
+    itr = it(paths, BYTE, seq_len=160, num_epochs=1, max_doc_chars=120, fim_rate=1.0)
+    batches = list(itr)
+    c = itr.counters
+    assert c["fim_psm"] + c["fim_spm"] == len(expected) and c.get("fim_none", 0) == 0
+    t = fim.FimTokens.from_tokenizer(BYTE)
+    texts = []
+    for ids in documents(batches, BYTE.bos_id):
+        fmt, pre, mid, suf = _split(ids, t)
+        texts.append(BYTE.decode(pre) + BYTE.decode(mid) + BYTE.decode(suf))
+    assert sorted(texts) == expected
+    # without the cut, the whole files do not fit a row of 160: FIM leaves all of them plain
+    itr = it(paths, BYTE, seq_len=160, num_epochs=1, fim_rate=1.0)
+    list(itr)
+    assert itr.counters["fim_none"] == len(paths) and itr.counters.get("fim_psm", 0) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_bad_max_doc_chars_raises(tmp_path, bad):
+    with pytest.raises(ValueError, match="max_doc_chars must be"):
+        it(write_docs(tmp_path, 3), BYTE, max_doc_chars=bad)
+
+
+def test_code_document_source_describes_pieces(tmp_path):
+    p = tmp_path / "a.py"
+    p.write_text(CODE, encoding="utf-8")
+    src = dl.CodeDocumentSource(dl.make_source([str(p)]), 120)
+    assert len(src) == len(dl.split_code_document(CODE, 120))
+    assert [src[i] for i in range(len(src))] == dl.split_code_document(CODE, 120)
+    assert src.describe(1) == f"{p} (document 1)"
+    assert dl.code_documents([str(p)], 120) == dl.split_code_document(CODE, 120)
