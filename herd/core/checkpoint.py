@@ -191,7 +191,9 @@ def read_config(directory: str, step: int | None = None) -> dict:
         manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+def restore_params(
+    directory: str, abstract_params: Any, step: int | None = None, item: str = "params"
+) -> Any:
     """The params alone of checkpoint `step` (default: the latest), onto their shardings.
 
     `abstract_params` holds ShapeDtypeStructs with shardings (mesh.abstract_state of the
@@ -199,12 +201,13 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     the saved state, each host only its own shards: the optimiser state is never read
     and no host materialises the full model. A param asked for that the checkpoint lacks,
     or holds with another shape, is refused naming the file; params it holds beyond those
-    asked for are not read (a backbone restored without its head).
+    asked for are not read (a backbone restored without its head). `item` names another
+    field of the train state to read the same way ('extra': BatchNorm statistics).
     """
     manager, step = _latest(directory, step)
     where = os.path.join(manager.directory, str(step), "state")
-    _check_params_match(where, abstract_params)
-    target = {"params": abstract_params}
+    _check_params_match(where, abstract_params, item)
+    target = {item: abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
         restored = manager.restore(
@@ -217,10 +220,10 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
         )
     finally:
         manager.close()
-    return restored["state"]["params"]
+    return restored["state"][item]
 
 
-def _check_params_match(where: str, abstract_params: Any) -> None:
+def _check_params_match(where: str, abstract_params: Any, item: str = "params") -> None:
     """Raises ValueError naming `where` unless it holds params of exactly these shapes.
 
     Checked on orbax's metadata before reading: a partial restore would hand back the
@@ -228,9 +231,9 @@ def _check_params_match(where: str, abstract_params: Any) -> None:
     """
     from etils import epath
 
-    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where)).tree.get("params")
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where)).tree.get(item)
     if stored is None:
-        raise ValueError(f"{where} holds no params")
+        raise ValueError(f"{where} holds no {item}")
     stored = {
         jax.tree_util.keystr(path): tuple(x.shape)
         for path, x in jax.tree_util.tree_leaves_with_path(stored)

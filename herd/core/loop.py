@@ -94,6 +94,10 @@ def _reached_preemption(checkpointer, step: int) -> bool:
     return checkpointer.reached_preemption(step)
 
 
+# Progress-bar column names of the throughput units ('tok/s', 'img/s').
+_SHORT_UNITS = {"tokens": "tok", "images": "img"}
+
+
 def _at(per_step, step: int):
     return per_step(step) if callable(per_step) else per_step
 
@@ -137,6 +141,7 @@ def train_loop(
     last_time, last_step = time.perf_counter(), step
     t_start = last_time
     last_ckpt = checkpointer.latest_step() if checkpointer is not None else None
+    short_unit = _SHORT_UNITS.get(unit, unit[:3])
 
     def check_pending() -> dict:
         """Fetch pending losses; raise on the first non-finite one; return the last metrics."""
@@ -216,7 +221,7 @@ def train_loop(
                         progress.update(
                             step,
                             loss=row.get("loss"),
-                            **{f"{unit[:3]}_s": row.get(f"{unit}_per_second")},
+                            **{f"{short_unit}_s": row.get(f"{unit}_per_second")},
                             mfu=row.get("mfu"),
                         )
                 if eval_every and step % eval_every == 0 and step < num_steps:
