@@ -1,4 +1,4 @@
-"""Training-throughput benchmark of herd's Llama against Hugging Face transformers + torch.
+"""Training and decode benchmarks of herd's Llama against Hugging Face transformers + torch.
 
 Usage::
 
@@ -6,6 +6,7 @@ Usage::
     python tools/bench_lm.py --sections throughput --steps 8
     python tools/bench_lm.py --sections compile,memory,profile
     python tools/bench_lm.py --sections accel      # GPU/TPU: Llama-3-8B-shaped layers, bf16
+    python tools/bench_lm.py --sections decode     # generation: herd vs HF generate (CPU)
 
 On CPU (the default sections):
 
@@ -24,6 +25,20 @@ On CPU (the default sections):
 * ``memory``: XLA's temp (activation) bytes of the compiled step for each remat policy.
 * ``profile``: where herd's step spends time: forward only, forward + backward, whole
   step; attention backends and vocab chunking compared on the same step.
+
+``decode``: generation of the same ~30M model with random float32 weights, greedy, prompt 16
+and 128 new tokens (exactly: no stop token, ``min_new_tokens`` for the peer), at batch 1 and
+8: ``herd.lm.generate.generate_tokens`` against ``transformers`` ``LlamaForCausalLM.generate``
+on the same weights (written by ``herd.lm.convert.to_hf``, loaded with ``from_pretrained``),
+alternating, medians. Prefill = a 1-token generation; decode tokens/s = the other 127 tokens
+over (generation - prefill) time. Compile time (jax.monitoring's compile events) is split
+from the first call; steady state is after it. Memory read bandwidth is measured in the same
+run (a jitted float32 matvec over a matrix of the model's weight size, and torch.mv; the
+best, before and after): batch-1 decode must read every weight but the embedding table and
+the cached K/V once per token, which bounds it at bandwidth / those bytes.
+``--decode-profile`` also times one decode step outside the loop and its weight matmuls alone.
+
+    python tools/bench_lm.py --sections decode --decode-rounds 5
 
 ``accel`` (only on GPU/TPU): bf16 MFU of Llama-3-8B-shaped layers (dim 4096, 32 heads, 8 KV
 heads, ffn 14336, vocab 128256, seq 8192, a few layers) with the platform's attention
@@ -470,6 +485,324 @@ def section_profile(args, res):
     res["profile"] = out
 
 
+# ------------------------------------------------------------------------------- decode
+
+DECODE_PROMPT, DECODE_NEW = 16, 128
+
+
+class CompileClock:
+    """Seconds jax spent tracing, lowering and compiling since `reset` (jax.monitoring's
+    /jax/core/compile/* events), so the first call's compile is split from its run."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.seconds = 0.0
+        monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, duration, **_):
+        if name.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+    def reset(self):
+        self.seconds = 0.0
+
+
+def memory_bandwidth(nbytes: int, cols: int, reps: int = 21) -> dict:
+    """Read bandwidth (bytes/s) of a float32 matrix-vector product over a matrix of about
+    `nbytes` (a decode step's weights), medians: jitted jnp in both layouts the model uses
+    (x @ W with W [cols, n] as herd's projections, W @ x as torch's Linear) and torch.mv.
+    The matrix is far larger than the caches, so each product streams it from memory."""
+    rows = max(1, nbytes // (4 * cols))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((cols, rows), dtype=np.float32)
+    x = rng.standard_normal((cols,), dtype=np.float32)
+    out = {"matrix_bytes": 4 * rows * cols}
+    wd, xd = jnp.asarray(w), jnp.asarray(x)
+    wt = jnp.asarray(np.ascontiguousarray(w.T))
+    for name, f, args in (
+        ("jnp_xW", jax.jit(lambda x, w: x @ w), (xd, wd)),
+        ("jnp_Wx", jax.jit(lambda w, x: w @ x), (wt, xd)),
+    ):
+        f(*args).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        out[name] = out["matrix_bytes"] / median(ts)
+    del wd, wt
+    try:
+        import torch
+
+        tw, tx = torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(x)
+        torch.mv(tw, tx)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mv(tw, tx)
+            ts.append(time.perf_counter() - t0)
+        out["torch_mv"] = out["matrix_bytes"] / median(ts)
+    except ImportError:
+        pass
+    out["bandwidth"] = max(v for k, v in out.items() if k != "matrix_bytes")
+    return out
+
+
+def decode_bytes_per_step(cfg: LlamaConfig, batch: int, kv_len: float, itemsize=4) -> float:
+    """Bytes one decode step must read at least: every weight except the embedding table
+    (one row per token is gathered) plus the keys and values of `kv_len` cached tokens per
+    row (K and V, all layers, per KV head)."""
+    weights = n_params(cfg) - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_len * batch
+    return float(itemsize * (weights + kv))
+
+
+class HerdDecode:
+    """herd.lm.generate.generate_tokens (greedy, no stop ids: exactly `new` tokens)."""
+
+    def __init__(self, cfg, params):
+        from herd.lm.generate import generate_tokens
+
+        self.cfg, self.params, self.generate_tokens = cfg, params, generate_tokens
+
+    def __call__(self, prompts, new):
+        out = self.generate_tokens(self.cfg, self.params, prompts.tolist(), max_new_tokens=new)
+        assert all(len(r) == new for r in out), [len(r) for r in out]
+        return out
+
+
+class HFDecode:
+    """transformers LlamaForCausalLM.generate (greedy, min_new_tokens = max_new_tokens) on
+    the same weights, written by herd.lm.convert.to_hf and loaded with from_pretrained."""
+
+    def __init__(self, cfg, params, workdir):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from herd.lm.convert import to_hf
+
+        to_hf(cfg, params, workdir)
+        self.torch = torch
+        self.model = LlamaForCausalLM.from_pretrained(
+            workdir, torch_dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+
+    def __call__(self, prompts, new):
+        t = self.torch
+        ids = t.from_numpy(prompts).long()
+        with t.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=t.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        out = out[:, prompts.shape[1] :].numpy()
+        assert out.shape == (prompts.shape[0], new), out.shape
+        return out.tolist()
+
+
+def decode_profile(cfg, params, batch, rounds, res_out):
+    """Where herd's decode time goes, per token at batch `batch`: one jitted decode step
+    (Llama.apply with the cache, outside the loop), the same step's weight matmuls alone
+    (every projection as x @ W, no attention/norms/RoPE); the loop's per-token time is
+    the benchmark's."""
+    from herd.lm.model import init_cache
+
+    model = Llama(cfg)
+    s = DECODE_PROMPT + DECODE_NEW
+    cache = init_cache(cfg, batch, s)
+    cache["positions"] = cache["positions"].at[:, : s // 2].set(jnp.arange(s // 2))
+    tok = jnp.ones((batch, 1), jnp.int32)
+    pos = jnp.full((batch, 1), s // 2, jnp.int32)
+
+    def step(p, c, t, q):
+        logits, c = model.apply({"params": p}, t, positions=q, cache=c, cache_index=s // 2)
+        return jnp.argmax(logits[:, -1], -1), c
+
+    step_c = jax.jit(step, donate_argnums=1).lower(params, cache, tok, pos).compile()
+
+    mats = _weight_mats(params)
+    x = jnp.ones((batch, cfg.dim), jnp.float32)
+
+    @jax.jit
+    def matmuls(mats, x):
+        acc = jnp.zeros((), jnp.float32)
+        for w in mats:
+            y = jnp.ones((batch, w.shape[0]), jnp.float32) * x[:, :1]
+            acc = acc + jnp.sum(y @ w)
+        return acc
+
+    matmuls(mats, x).block_until_ready()
+    t_step, t_mm = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            _, cache = step_c(params, cache, tok, pos)
+        jax.block_until_ready(cache)
+        t_step.append((time.perf_counter() - t0) / 8)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            matmuls(mats, x).block_until_ready()
+        t_mm.append((time.perf_counter() - t0) / 8)
+    res_out.update(step_s=median(t_step), weight_matmuls_s=median(t_mm))
+
+
+def _weight_mats(params):
+    """Every matrix a decode step multiplies by, as [in, out], layers unstacked."""
+    p = nn_unbox(params)
+    attn, ffn = p["layers"]["attention"], p["layers"]["feed_forward"]
+    out = []
+    for i in range(attn["wq"].shape[0]):
+        for k in ("wq", "wk", "wv"):
+            out.append(attn[k][i].reshape(attn[k].shape[1], -1))
+        out.append(attn["wo"][i].reshape(-1, attn["wo"].shape[-1]))
+        out.extend(ffn[k][i] for k in ("w1", "w3", "w2"))
+    out.append(p["output"]["kernel"])
+    return out
+
+
+def nn_unbox(params):
+    import flax.linen as nn
+
+    return nn.meta.unbox(params)
+
+
+def section_decode(args, res):
+    """Decode tokens/s (batch 1 and 8, prompt 16, 128 new tokens, greedy) and prefill
+    tokens/s of herd against transformers generate on the same random float32 weights,
+    alternating in one process; the measured memory bandwidth bounds batch-1 decode."""
+    import tempfile
+
+    cfg = herd_config(max_seq_len=max(BENCH["max_seq_len"], DECODE_PROMPT + DECODE_NEW))
+    params = Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn_unbox(params)
+    batches = args.decode_batches
+    rng = np.random.default_rng(1)
+    prompts = {
+        b: rng.integers(3, cfg.vocab_size, (b, DECODE_PROMPT)).astype(np.int32) for b in batches
+    }
+    bytes_b1 = decode_bytes_per_step(cfg, 1, DECODE_PROMPT + (DECODE_NEW - 1) / 2)
+    bw_before = memory_bandwidth(int(n_params(cfg, False) * 4), cfg.dim)
+    log("bandwidth (GB/s):", {k: round(v / 1e9, 1) for k, v in bw_before.items()})
+
+    contestants = {"herd": HerdDecode(cfg, params)}
+    tmp = tempfile.TemporaryDirectory()
+    if not args.no_peer:
+        if args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        contestants["hf_torch"] = HFDecode(cfg, params, os.path.join(tmp.name, "hf"))
+    clock = CompileClock()
+    out = {
+        "params": n_params(cfg),
+        "prompt_len": DECODE_PROMPT,
+        "new_tokens": DECODE_NEW,
+        "dtype": "float32",
+        "bytes_per_token_b1": bytes_b1,
+        "compile": {},
+    }
+    # First calls: herd compiles each (batch, new-token count) once; the peer warms up.
+    first = {}
+    for k, fn in contestants.items():
+        for b in batches:
+            for new in (1, DECODE_NEW):
+                clock.reset()
+                t0 = time.perf_counter()
+                first[(k, b, new)] = fn(prompts[b], new)
+                wall = time.perf_counter() - t0
+                out["compile"][f"{k} b{b} new{new}"] = {
+                    "first_call_s": wall,
+                    "compile_s": clock.seconds,
+                }
+                log(
+                    f"first call {k} batch {b} new {new}: {wall:.2f}s "
+                    f"(compile {clock.seconds:.2f}s)"
+                )
+    if "hf_torch" in contestants:
+        agree = {}
+        for b in batches:
+            h, p = (
+                np.asarray(first[("herd", b, DECODE_NEW)]),
+                np.asarray(first[("hf_torch", b, DECODE_NEW)]),
+            )
+            same = (h == p).all(axis=0)
+            agree[b] = int(np.argmin(same)) if not same.all() else DECODE_NEW
+        out["greedy_tokens_equal_before_first_difference"] = agree
+        log("greedy agreement (tokens equal before the first difference):", agree)
+    times = {(k, b, new): [] for k in contestants for b in batches for new in (1, DECODE_NEW)}
+    for r in range(args.decode_rounds):
+        for k, fn in contestants.items():
+            time.sleep(args.pause)
+            for b in batches:
+                for new in (1, DECODE_NEW):
+                    t = timed(fn, prompts[b], new)
+                    times[(k, b, new)].append(t)
+                    log(f"round {r} {k} batch {b} new {new}: {t:.3f}s")
+    bw_after = memory_bandwidth(int(n_params(cfg, False) * 4), cfg.dim)
+    log("bandwidth after (GB/s):", {k: round(v / 1e9, 1) for k, v in bw_after.items()})
+    bw = max(bw_before["bandwidth"], bw_after["bandwidth"])
+    out["bandwidth_before"], out["bandwidth_after"], out["bandwidth"] = bw_before, bw_after, bw
+    out["bound_tokens_per_s_b1"] = bw / bytes_b1
+    for k in contestants:
+        row = out[k] = {}
+        for b in batches:
+            t1, tn = median(times[(k, b, 1)]), median(times[(k, b, DECODE_NEW)])
+            row[f"b{b}"] = {
+                "prefill_s": t1,
+                "generate_s": tn,
+                # the first token comes with the prefill; the other 127 are the decode loop
+                "decode_tokens_per_s": b * (DECODE_NEW - 1) / (tn - t1),
+                "end_to_end_tokens_per_s": b * DECODE_NEW / tn,
+                "prefill_tokens_per_s": b * DECODE_PROMPT / t1,
+                "runs_prefill_s": times[(k, b, 1)],
+                "runs_generate_s": times[(k, b, DECODE_NEW)],
+            }
+    herd = out["herd"]
+    herd["fraction_of_bound_b1"] = herd["b1"]["decode_tokens_per_s"] / out["bound_tokens_per_s_b1"]
+    if "hf_torch" in out:
+        out["ratio"] = {
+            f"b{b}": herd[f"b{b}"]["decode_tokens_per_s"]
+            / out["hf_torch"][f"b{b}"]["decode_tokens_per_s"]
+            for b in batches
+        }
+        out["ratio_prefill"] = {
+            f"b{b}": herd[f"b{b}"]["prefill_tokens_per_s"]
+            / out["hf_torch"][f"b{b}"]["prefill_tokens_per_s"]
+            for b in batches
+        }
+    if args.decode_profile:
+        prof = out["profile"] = {}
+        for b in batches:
+            prof[f"b{b}"] = {}
+            decode_profile(cfg, params, b, args.profile_rounds, prof[f"b{b}"])
+            per_tok = 1 / (herd[f"b{b}"]["decode_tokens_per_s"] / b)
+            prof[f"b{b}"]["loop_per_token_s"] = per_tok
+            prof[f"b{b}"]["min_bytes_per_step"] = decode_bytes_per_step(
+                cfg, b, DECODE_PROMPT + (DECODE_NEW - 1) / 2
+            )
+            log(f"profile batch {b}:", json.dumps(prof[f"b{b}"]))
+    tmp.cleanup()
+    res["decode"] = out
+    summary = {
+        k: {b: round(v[b]["decode_tokens_per_s"], 1) for b in v if b.startswith("b")}
+        for k, v in out.items()
+        if k in contestants
+    }
+    log(
+        "decode tok/s:",
+        summary,
+        "bound b1:",
+        round(out["bound_tokens_per_s_b1"], 1),
+        "fraction:",
+        round(herd["fraction_of_bound_b1"], 3),
+    )
+
+
 def _parse_overrides(text: str) -> dict:
     """'dim=256,n_layers=2' -> {'dim': 256, 'n_layers': 2} (ints where they parse)."""
     out = {}
@@ -563,7 +896,7 @@ def section_accel(args, res):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="peak,throughput,compile,memory,profile,accel")
+    p.add_argument("--sections", default="peak,throughput,compile,memory,profile,accel,decode")
     p.add_argument("--steps", type=int, default=7, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (per block)")
     p.add_argument("--block", type=int, default=3, help="timed steps per contestant block")
@@ -602,6 +935,19 @@ def main(argv=None):
     p.add_argument(
         "--accel-on-cpu", action="store_true", help="run the accel section on CPU (smoke test)"
     )
+    p.add_argument(
+        "--decode-batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8],
+        help="batch sizes of the decode section",
+    )
+    p.add_argument("--decode-rounds", type=int, default=5, help="timed rounds (decode)")
+    p.add_argument(
+        "--torch-threads", type=int, default=0, help="decode: torch threads (0 = torch's default)"
+    )
+    p.add_argument(
+        "--decode-profile", action="store_true", help="decode: also time one step and its matmuls"
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
@@ -636,6 +982,8 @@ def main(argv=None):
         section_profile(args, res)
     if "accel" in sections:
         section_accel(args, res)
+    if "decode" in sections:
+        section_decode(args, res)
     res["machine"]["uptime_end"] = machine()["uptime"]
     if args.json:
         with open(args.json, "w") as f:
