@@ -369,7 +369,11 @@ def _apply_op(name: str, img: Image.Image, args, fill, interp) -> Image.Image:
     if base == "Rotate":
         return img.rotate(args[0], resample=interp, fillcolor=fill)
     if base == "Posterize":
-        return img if args[0] >= 8 else ImageOps.posterize(img, args[0])
+        if args[0] >= 8:
+            return img
+        if args[0] <= 0:  # keep no bit: black (older PIL's result; PIL >= 11 refuses 0 bits)
+            return img.point([0] * 768)
+        return ImageOps.posterize(img, args[0])
     if base == "Solarize":
         return ImageOps.solarize(img, args[0])
     if base == "SolarizeAdd":

@@ -668,18 +668,18 @@ def make_pipeline(
         process_count=process_count,
         train=train,
     )
-    mix = None
-    if train and (mixup_alpha > 0 or cutmix_alpha > 0 or label_smoothing > 0):
-        mix = dict(
-            mixup_alpha=float(mixup_alpha),
-            cutmix_alpha=float(cutmix_alpha),
-            switch_prob=float(switch_prob),
-            label_smoothing=float(label_smoothing),
-            prob=float(mixup_prob),
-        )
-        # the checks of mixup_cutmix, before any image is read
-        aug.mixup_cutmix(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.int32), 0,
-                         num_classes=source.num_classes, **mix)  # fmt: skip
+    mix = dict(
+        mixup_alpha=float(mixup_alpha),
+        cutmix_alpha=float(cutmix_alpha),
+        switch_prob=float(switch_prob),
+        label_smoothing=float(label_smoothing),
+        prob=float(mixup_prob),
+    )
+    # mixup_cutmix's own checks, before any image is read
+    aug.mixup_cutmix(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.int32), 0,
+                     num_classes=source.num_classes, **mix)  # fmt: skip
+    if not train or not (mixup_alpha > 0 or cutmix_alpha > 0 or label_smoothing > 0):
+        mix = None
     sampler = _Sampler(
         n,
         plan,
