@@ -129,6 +129,7 @@ def pod_config(
     vocab_chunk: int = 0,
     batch_ramp: str = "",
     schedule_steps: int | None = None,
+    init_from: str = "",
 ) -> ml_collections.ConfigDict:
     """A published pre-training recipe for a pod (bf16 compute, float32 params).
 
@@ -137,6 +138,8 @@ def pod_config(
     learning-rate schedule spans ``schedule_steps`` when the paper states it, else that
     many steps. The corpus and tokenizer are the user's: set --config.data.source,
     .eval_source and .tokenizer (an empty source is refused before anything compiles).
+    ``init_from``: the checkpoint a fine-tuning stage starts from (train.init_from); a
+    ``<description>`` placeholder is refused until the user sets the path.
     """
     from herd.lm.ramp import batch_stages, steps_for_tokens
 
@@ -159,6 +162,7 @@ def pod_config(
     if schedule_steps and budget < schedule_steps:
         c.train.stop_after = budget
     c.train.vocab_chunk = vocab_chunk
+    c.train.init_from = init_from
     c.train.eval_every = 1000
     c.train.eval_batches = 50
     c.train.checkpoint_every = 1000

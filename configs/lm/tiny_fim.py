@@ -8,7 +8,12 @@ reordered PSM or SPM with probability 0.9, new decisions every epoch. As in Code
 document whose FIM sequence would not fit in one row stays plain, so with rows of 256 tokens
 only the short stdlib files are transformed: about one document in ten (5 of 57 in the
 first 200 batches of seed 0; the iterator's counters fim_psm, fim_spm, fim_none say how
-many). Eval batches stay plain next-token text.
+many). Eval batches stay plain next-token text. tools/eval_infill.py trains it on the files
+cut into documents of at most 400 characters (herd.lm.data.split_code_document), which FIM
+then reaches nearly always, and compares its infilling with the same model trained without.
+
+``model.max_seq_len`` 512 (twice the rows) leaves room to generate after a long infilling
+prompt; the weights do not depend on it.
 
 `python -m herd.lm.train --config=configs/lm/tiny_fim.py --config.train.steps=2`
 """
@@ -18,7 +23,8 @@ from configs.lm.tiny import get_config as tiny_config
 
 def get_config(arg=None):
     c = tiny_config(arg)
-    c.data.seq_len = 256  # the model's max_seq_len: more documents fit whole
+    c.model.max_seq_len = 512
+    c.data.seq_len = 256
     c.data.global_batch_size = 8
     c.data.fim_rate = 0.9
     c.data.fim_spm_rate = 0.5

@@ -183,6 +183,9 @@ def finetune_model_config(
     then its explicit ones) replace it. A weight-defining field the run sets to another
     value is refused naming the field, both values and `where` (the checkpoint's config);
     rope_theta, rope_scaling, max_seq_len, dtype, remat and the like may change.
+    vocab_size alone may grow: the checkpoint's token rows are kept and the new ones start
+    as a fresh model's (Code Llama 7B/13B/70B add 16 tokens, among them the infilling
+    sentinels at 32007-32010, to Llama 2's 32000; herd.lm.train.grow_vocab).
     """
     base = build_model_config(stored_model)
     fields = {k: v for k, v in dict(run_model).items() if v is not None}
@@ -197,13 +200,15 @@ def finetune_model_config(
         (k, getattr(base, k), getattr(wanted, k))
         for k in WEIGHT_DEFINING_FIELDS
         if getattr(base, k) != getattr(wanted, k)
+        and not (k == "vocab_size" and wanted.vocab_size > base.vocab_size)
     ]
     if diff:
         changes = ", ".join(f"{k} {a!r} (checkpoint) vs {b!r} (this run)" for k, a, b in diff)
         raise ValueError(
             f"the model asked for does not fit the checkpoint's weights ({where}): {changes}; "
             "a fine-tune may change only how the weights are used (rope_theta, "
-            "rope_scaling, max_seq_len, dtype, remat_policy, attention_impl, ...)"
+            "rope_scaling, max_seq_len, dtype, remat_policy, attention_impl, ...) and grow "
+            "vocab_size"
         )
     return wanted
 

@@ -88,6 +88,7 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "resolve_init_from",
+    "grow_vocab",
     "run",
     "main",
 ]
@@ -174,6 +175,12 @@ def resolve_init_from(path: str) -> InitFrom:
     """`train.init_from` -> InitFrom. Accepts a herd workdir (its latest checkpoint; also
     one written by ``python -m herd.lm.convert``), its ``checkpoints`` directory, or one
     step directory (``.../checkpoints/1000``). Anything else is one ValueError."""
+    if path.startswith("<") and path.endswith(">"):  # configs/lm/*: the user's to set
+        raise ValueError(
+            f"train.init_from is the config's placeholder {path}: set "
+            "--config.train.init_from to that checkpoint (a herd workdir; "
+            "`python -m herd.lm.convert` makes one from a Hugging Face or Meta checkpoint)"
+        )
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise ValueError(f"train.init_from {path!r} does not exist")
@@ -206,8 +213,49 @@ def _stored_model(checkpoint_dir: str, step: int | None, what: str) -> dict:
     return stored["model"]
 
 
+def grow_vocab(model, old_vocab: int, params, rng):
+    """`params` of a `old_vocab`-token model with the token rows (input embedding, output
+    head) of `model`'s larger vocabulary: the first `old_vocab` rows are `params`', the
+    others a fresh init of `model` (its init_std). Jit it with the train shardings: only the
+    two tables of the fresh init are computed."""
+    fresh = nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    grown = dict(params)
+    emb = fresh["tok_embeddings"]["embedding"]
+    grown["tok_embeddings"] = {
+        "embedding": emb.at[:old_vocab].set(params["tok_embeddings"]["embedding"])
+    }
+    if "output" in fresh:  # untied head: [dim, vocab]
+        head = fresh["output"]["kernel"]
+        grown["output"] = {"kernel": head.at[:, :old_vocab].set(params["output"]["kernel"])}
+    return grown
+
+
+def _finetune_params(init, stored_vocab: int, built, mesh, rng):
+    """train.init_from's params on the train shardings (params only, each host its shards)."""
+    model = built.model
+    if stored_vocab == model.config.vocab_size:
+        return restore_params(init.checkpoint_dir, built.abstract.params, init.step)
+    small = Llama(model.config.replace(vocab_size=stored_vocab))
+    abstract, _ = mesh_lib.abstract_state(
+        lambda r: small.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+        rng,
+        mesh=mesh,
+        rules=LM_RULES,
+    )
+    params = restore_params(init.checkpoint_dir, abstract, init.step)
+    tables = {k: params.pop(k) for k in ("tok_embeddings", "output") if k in params}
+
+    def grow(rest, tables, rng):
+        return grow_vocab(model, stored_vocab, {**rest, **tables}, rng)
+
+    # the layers are donated (used in place); the smaller tables cannot be
+    grow = jax.jit(grow, out_shardings=built.shardings.params, donate_argnums=0)
+    return grow(params, tables, jax.random.fold_in(rng, 1))
+
+
 def run_model_config(cfg: ml_collections.ConfigDict, workdir: str, say=print):
-    """(LlamaConfig, InitFrom or None): the model a run trains.
+    """(LlamaConfig, InitFrom or None, the checkpoint's LlamaConfig or None): the model a
+    run trains.
 
     Without train.init_from: cfg.model (a preset plus overrides). With it: the model stored
     with that checkpoint, with the fields cfg.model sets replacing it (weight-defining ones
@@ -216,7 +264,7 @@ def run_model_config(cfg: ml_collections.ConfigDict, workdir: str, say=print):
     """
     init_path = cfg.train.get("init_from") or ""
     if not init_path:
-        return build_model_config(cfg.model), None
+        return build_model_config(cfg.model), None, None
     own = os.path.join(workdir, "checkpoints")
     if _latest_step(own) is not None:
         say(
@@ -224,10 +272,11 @@ def run_model_config(cfg: ml_collections.ConfigDict, workdir: str, say=print):
             "run, which resumes from them"
         )
         stored = _stored_model(own, None, f"the checkpoints of {workdir}")
-        return finetune_model_config(stored, cfg.model, f"{own}"), None
+        return finetune_model_config(stored, cfg.model, f"{own}"), None, None
     init = resolve_init_from(init_path)
     stored = _stored_model(init.checkpoint_dir, init.step, f"train.init_from {init_path!r}")
-    return finetune_model_config(stored, cfg.model, init.config_file), init
+    model_config = finetune_model_config(stored, cfg.model, init.config_file)
+    return model_config, init, build_model_config(stored)
 
 
 def flops_per_token(model_config, seq_len: int) -> float:
@@ -546,7 +595,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
 
     # --- everything a user can get wrong is checked before compiling anything
     say(f"workdir: {workdir}")
-    model_config, init = run_model_config(cfg, workdir, say)
+    model_config, init, init_model = run_model_config(cfg, workdir, say)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh))
     stages = validate_config(cfg, model_config, mesh)
     say(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
@@ -636,9 +685,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             f"fine-tuning from {init.checkpoint_dir} ({step_text}): params only, fresh "
             "optimiser state, step 0"
         )
+        if init_model.vocab_size != model_config.vocab_size:
+            say(
+                f"vocabulary grown from {init_model.vocab_size} to {model_config.vocab_size} "
+                "tokens: the new rows start as a fresh model's"
+            )
         # read straight onto the train shardings, each host its own shards; the
         # optimiser state stored there (none, for converted models) is never read
-        params = restore_params(init.checkpoint_dir, abstract.params, init.step)
+        params = _finetune_params(init, init_model.vocab_size, built, mesh, rng)
         state, start = built.from_params(params, rng), None
     else:
         state, start = step_lib.init_or_restore(ckpt, built.init, abstract, rng, train_iter, say)

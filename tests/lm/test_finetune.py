@@ -134,6 +134,27 @@ def test_finetune_loads_the_weights_with_a_new_rope_theta_and_seq_len(pretrained
     assert set(_counts(rest["state"].opt_state)) == {2}
 
 
+def test_vocab_grows_keeping_the_checkpoints_rows(pretrained, tmp_path, capsys):
+    # Code Llama 7B/13B: Llama 2's 32000 tokens + 16 (the infilling sentinels among them).
+    # lr 0: the params after step 1 are the ones the fine-tune started from.
+    pre_dir, pre = pretrained
+    over = {"model.vocab_size": 520, "train.steps": 1, "optim.lr": 0.0}
+    ft = train.run(_finetune_config(pre_dir, **over), str(tmp_path / "ft"))
+    assert "vocabulary grown from 512 to 520 tokens" in capsys.readouterr().out
+    old, new = jax.device_get(pre["state"].params), jax.device_get(ft["state"].params)
+    for name, table, axis in [("tok_embeddings", "embedding", 0), ("output", "kernel", 1)]:
+        grown = np.asarray(new[name][table])
+        assert grown.shape[axis] == 520
+        kept = grown[:512] if axis == 0 else grown[:, :512]
+        added = grown[512:] if axis == 0 else grown[:, 512:]
+        np.testing.assert_array_equal(kept, np.asarray(old[name][table]))
+        assert 0.01 < added.std() < 0.04  # a fresh init_std=0.02 init, not zeros
+    for a, b in zip(jax.tree.leaves(old["layers"]), jax.tree.leaves(new["layers"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"vocab_size 512 \(checkpoint\) vs 500"):
+        train.run(_finetune_config(pre_dir, **{"model.vocab_size": 500}), str(tmp_path / "x"))
+
+
 def test_init_from_accepts_workdir_checkpoints_and_step_dirs(pretrained):
     pre_dir, _ = pretrained
     ck = os.path.join(pre_dir, "checkpoints")
@@ -147,7 +168,10 @@ def test_init_from_accepts_workdir_checkpoints_and_step_dirs(pretrained):
     [
         ({"model.dim": 128}, r"dim 64 \(checkpoint\) vs 128 \(this run\)"),
         ({"model.n_kv_heads": 4}, r"n_kv_heads 2 \(checkpoint\) vs 4 \(this run\)"),
-        ({"model.preset": "llama2-7b"}, r"dim 64 \(checkpoint\) vs 4096 .*vocab_size 512"),
+        (
+            {"model.preset": "llama2-7b"},
+            r"dim 64 \(checkpoint\) vs 4096 .*head_dim 16 \(checkpoint\) vs 128",
+        ),
         ({"model.scan_layers": False}, r"scan_layers True \(checkpoint\) vs False"),
     ],
 )

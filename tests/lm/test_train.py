@@ -49,7 +49,8 @@ def test_every_config_file_builds():
         "tiny",
         "llama1_7b",
         "llama2_70b",
-        "code_llama_7b",
+        "code_llama_7b_pretrain",
+        "code_llama_7b_longctx",
         "llama3_8b",
         "llama3_1_405b",
         "llama3_2_1b",
@@ -62,8 +63,10 @@ def test_every_config_file_builds():
         assert cfg.data.seq_len <= mc.max_seq_len, name
         if cfg.model.preset:
             assert cfg.model.dtype == "bfloat16"
-            # the published batch of ~4M tokens (the 405B ramps on to 8M and 16M)
-            assert cfg.data.global_batch_size * cfg.data.seq_len == 4 * 2**20, name
+            # the published batch of ~4M tokens (the 405B ramps on to 8M and 16M; Code
+            # Llama's long-context fine-tuning: test_code_llama_configs)
+            if not name.endswith("_longctx"):
+                assert cfg.data.global_batch_size * cfg.data.seq_len == 4 * 2**20, name
             assert cfg.optim.b1 == 0.9 and cfg.optim.b2 == 0.95
             assert cfg.optim.weight_decay == 0.1 and cfg.optim.clip_norm == 1.0
     assert load_config("configs/lm/llama3_8b.py").model.preset == "llama3-8b"
@@ -77,6 +80,50 @@ def test_every_config_file_builds():
     assert big.train.stop_after == ramp_lib.steps_for_tokens(stages, 15.6e12) == 1_100_929
     default = build_model_config(load_config("configs/lm/default.py").model)
     assert default.rope_theta == 5e5 and default.n_kv_heads < default.n_heads
+
+
+# (size, code-training lr, fim_rate, LCFT batch tokens, LCFT steps): Roziere et al. 2023
+# sec. 2.3 / 2.6 (see the config files for what is recalled rather than checked)
+CODE_LLAMA = [
+    ("7b", 3e-4, 0.9, 2 * 2**20, 3000),
+    ("13b", 3e-4, 0.9, 2 * 2**20, 10000),
+    ("34b", 1.5e-4, 0.0, 2**20, 11000),
+]
+
+
+@pytest.mark.parametrize("size, lr, fim, lcft_batch, lcft_steps", CODE_LLAMA)
+def test_code_llama_configs(size, lr, fim, lcft_batch, lcft_steps):
+    from herd.lm.presets import finetune_model_config, model_config_fields
+
+    pre = load_config(f"configs/lm/code_llama_{size}_pretrain.py")
+    lcft = load_config(f"configs/lm/code_llama_{size}_longctx.py")
+    assert pre.optim.lr == lr and pre.optim.warmup_steps == 1000
+    assert pre.optim.min_lr_ratio == 1 / 30
+    assert pre.data.seq_len == 4096 and pre.data.global_batch_size * 4096 == 4 * 2**20
+    assert pre.train.steps == 119_210  # 500B tokens
+    assert pre.data.fim_rate == fim and lcft.data.fim_rate == fim
+    assert lcft.optim.lr == 2e-5 and lcft.data.seq_len == 16384
+    assert lcft.data.global_batch_size * 16384 == lcft_batch
+    assert lcft.train.steps == lcft_steps
+    for cfg in (pre, lcft):  # placeholders the user replaces, refused until then
+        assert cfg.train.init_from.startswith("<")
+        with pytest.raises(ValueError, match="is the config's placeholder"):
+            train.resolve_init_from(cfg.train.init_from)
+    # the chain, on the model configs alone: Llama 2 (Meta's 34B stand-in: the preset's
+    # shape at rope 1e4, 4096) -> code training -> long-context fine-tuning
+    llama2 = {"7b": "llama2-7b", "13b": "llama2-13b"}.get(size)
+    if llama2:
+        base = LlamaConfig.preset(llama2)
+    else:
+        base = LlamaConfig.preset("code-llama-34b", rope_theta=1e4, max_seq_len=4096)
+    coded = finetune_model_config(model_config_fields(base), pre.model, "llama 2")
+    assert (coded.rope_theta, coded.max_seq_len) == (1e4, 4096)
+    assert coded.vocab_size == (32016 if fim else 32000)  # infilling tokens added
+    longctx = finetune_model_config(model_config_fields(coded), lcft.model, "pretrain")
+    assert (longctx.rope_theta, longctx.max_seq_len) == (1e6, 16384)
+    assert longctx == LlamaConfig.preset(
+        f"code-llama-{size}", dtype="bfloat16", remat_policy="full"
+    )
 
 
 def _tiny(**over):
