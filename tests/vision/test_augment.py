@@ -319,3 +319,20 @@ def test_mixup_cutmix_bad_input():
         va.mixup_cutmix(images, labels, 0, num_classes=4, switch_prob=1.5)
     with pytest.raises(ValueError, match="images"):
         va.mixup_cutmix(images[0], labels, 0, num_classes=4)
+
+
+def test_normalisation_is_imagenet_mean_std():
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    x = va.to_normalized_array(Image.fromarray(arr))
+    ref = (arr / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert x.dtype == np.float32 and x.shape == (5, 7, 3)
+    np.testing.assert_allclose(x, ref, atol=1e-5)
+
+
+def test_posterize_to_zero_bits_is_black():
+    """timm's PosterizeIncreasing at magnitude 10 keeps 0 bits (older PIL: a black image)."""
+    img = _image(8, 8)
+    out = va._apply_op("PosterizeIncreasing", img, (0,), (0, 0, 0), None)
+    assert not np.asarray(out).any()
+    out = va._apply_op("PosterizeIncreasing", img, (2,), (0, 0, 0), None)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(img) & 0b11000000)

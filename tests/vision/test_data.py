@@ -295,3 +295,19 @@ def test_make_image_source_specs(tmp_path):
     root = _write_folder(tmp_path / "imagenet" / "val")
     assert vd.make_image_source(f"folder:{tmp_path / 'imagenet'}", split="val").root == str(root)
     assert vd.make_image_source(f"folder:{root}").root == str(root)
+
+
+def test_training_recipe_runs_three_augment_on_every_image(monkeypatch):
+    from herd.vision import augment as va
+
+    calls = []
+    real = va.three_augment
+    monkeypatch.setattr(va, "three_augment", lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = _tiny_source()
+    ev = vd.make_pipeline(src, train=False, image_size=12, global_batch_size=8, seed=0)
+    next(ev)
+    assert calls == []  # evaluation: resize + centre crop only
+    it = vd.make_pipeline(src, train=True, image_size=12, global_batch_size=8, seed=0,
+                          augment="3aug", read_threads=1)  # fmt: skip
+    next(it)
+    assert len(calls) >= 8  # (prefetching may have run a few more)
