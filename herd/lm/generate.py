@@ -17,21 +17,52 @@ is divided by the penalty when positive, multiplied when negative), a seed. Give
 ``mesh`` the batch is split over data/fsdp and heads (and the cache's kv heads) over
 tensor, by the model's logical axes (``herd.lm.sharding.LM_RULES``).
 
+Streaming: ``generate_tokens(..., on_tokens=fn)`` calls ``fn`` from inside the jitted loop
+(an ordered ``jax.experimental.io_callback``) with each step's tokens, and ``fn`` may end
+rows (a stop string completed); ``generate(..., on_text=fn)`` gets text pieces, decoded
+incrementally by :class:`TextStream` (no half UTF-8 characters, nothing past a stop
+string). The tokens are the same with or without streaming.
+
 CLI::
 
-    python -m herd.lm.generate [--workdir=./workdir/lm] [--prompt='import os'] \
-        [--max_new_tokens=64] [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0]
+    python -m herd.lm.generate                       # samples from ./workdir/lm
+    python -m herd.lm.generate --workdir=DIR [--step=N] --prompt='import os\\n'
+    python -m herd.lm.generate --hf=DIR --prompt=...  # config.json + safetensors, with the
+                                                      # directory's tokenizer.model / .json
+    python -m herd.lm.generate --prefix='def f(x):\\n    ' --suffix='\\n    return y\\n'
+    python -m herd.lm.generate --chat [--chat_format=llama2|llama3] [--system=...] < turns
+    flags: --max_new_tokens (default 64, chat 256, never past the context) --temperature
+           (0.6) --top_p (0.9) --top_k (0) --repetition_penalty (1) --seed --stop=STR
+           (repeatable) --nostream --tokenizer=FILE --verbose
 
-reads the latest checkpoint of a ``herd.lm.train`` workdir (its config, params alone and
-tokenizer) and prints the prompt and its continuation.
+The sampling defaults are those of Meta's reference scripts (temperature 0.6, top-p 0.9);
+``--temperature=0`` is greedy. ``\\n``, ``\\t`` and ``\\\\`` in --prompt, --prefix, --suffix,
+--system and --stop are the characters. Text is printed as it is generated:
+
+- completion: the prompt, then its continuation (until EOS, a stop string or the limit);
+- infilling (Code Llama's PSM prompt, ``--fim_format=spm`` for SPM): the prefix, the
+  middle as it is generated (until <EOT>), then the suffix: the filled-in code. A note on
+  stderr says when no <EOT> came within max_new_tokens. A tokenizer without the FIM
+  sentinels is an error before the weights load;
+- chat: one user turn per stdin line (empty lines skipped, EOF ends), each answer on
+  stdout followed by a newline, the history kept. Answers end at the format's end of turn
+  (Llama 3: <|eot_id|> or <|end_of_text|>; Llama 2: EOS). The format defaults to llama3
+  when the tokenizer has its header tokens, else llama2. When the history with
+  max_new_tokens no longer fits the context, the oldest exchanges are dropped (a note on
+  stderr); one turn longer than the context is an error.
+
+Errors a user can cause (a bad flag value, a prompt or max_new_tokens past the context, a
+missing model) are one ``error: ...`` line on stderr and exit status 2; with no model in
+./workdir/lm the line names the command to train one.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,7 +73,15 @@ from herd.lm.config import LlamaConfig
 from herd.lm.model import Llama, init_cache
 from herd.lm.sharding import LM_RULES
 
-__all__ = ["generate", "generate_tokens", "check_sampling", "main"]
+__all__ = [
+    "TextStream",
+    "check_sampling",
+    "generate",
+    "generate_tokens",
+    "hf_tokenizer_path",
+    "main",
+    "run_cli",
+]
 
 DEFAULT_WORKDIR = os.path.join(".", "workdir", "lm")
 
@@ -89,8 +128,22 @@ def _mark(seen, tokens, valid):
     return jax.vmap(lambda s, t, m: s.at[t].max(m))(seen, tokens, valid)
 
 
+# Streaming: the jitted loop calls _stream_to_host (jax.experimental.io_callback, ordered)
+# with each step's tokens; the host function to call is looked up by a sink id passed as a
+# traced argument, so the loop compiles once for any callback.
+_SINKS: dict[int, object] = {}
+_NEXT_SINK = iter(range(1, 2**31 - 1))
+
+
+def _stream_to_host(sink, tokens, active):
+    fn = _SINKS[int(sink)]
+    return np.asarray(fn(np.asarray(tokens), np.asarray(active)), dtype=bool)
+
+
 @functools.lru_cache(maxsize=16)
-def _generate_fn(config: LlamaConfig, max_new: int, sampling: tuple, stops: tuple, pad: int):
+def _generate_fn(
+    config: LlamaConfig, max_new: int, sampling: tuple, stops: tuple, pad: int, stream: bool
+):
     """The jitted prefill + while-loop decode for one model and one set of settings."""
     model = Llama(config)
     temperature, top_k, top_p, penalty = sampling
@@ -102,8 +155,30 @@ def _generate_fn(config: LlamaConfig, max_new: int, sampling: tuple, stops: tupl
     def is_stop(tok):
         return jnp.any(tok[:, None] == jnp.asarray(stop_arr)[None, :], axis=-1)
 
+    def step_end(i, new, done, ends, sink):
+        """(done, ends) after step i produced `new`: a row ends at its first stop token
+        (not kept) or, streaming, where the host asks (the token kept)."""
+        hit = ~done & is_stop(new)
+        ends = jnp.where(hit, i, ends)
+        done = done | hit
+        if stream:
+            from jax.experimental import io_callback
+
+            host_stop = io_callback(
+                _stream_to_host,
+                jax.ShapeDtypeStruct(new.shape, jnp.bool_),
+                sink,
+                new,
+                ~done,
+                ordered=True,
+            )
+            host_stop = host_stop & ~done
+            ends = jnp.where(host_stop, i + 1, ends)
+            done = done | host_stop
+        return done, ends
+
     @jax.jit
-    def run(params, tokens, positions, lengths, rng):
+    def run(params, tokens, positions, lengths, rng, sink):
         b, p = tokens.shape
         variables = {"params": params}
         cache = init_cache(config, b, p + max_new)
@@ -116,16 +191,17 @@ def _generate_fn(config: LlamaConfig, max_new: int, sampling: tuple, stops: tupl
         rng, sub = jax.random.split(rng)
         tok = sample(logits[:, -1], seen, sub)
         out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
-        done = is_stop(tok)
+        ends = jnp.full((b,), max_new, jnp.int32)
+        done, ends = step_end(0, tok, jnp.zeros((b,), bool), ends, sink)
         if penalty != 1.0:
             seen = _mark(seen, tok[:, None], jnp.ones((b, 1), bool))
 
         def cond(state):
-            i, _, _, _, done, _, _ = state
+            i, _, _, _, done, _, _, _ = state
             return (i < max_new) & ~jnp.all(done)
 
         def body(state):
-            i, out, cache, tok, done, seen, rng = state
+            i, out, cache, tok, done, ends, seen, rng = state
             logits, cache = model.apply(
                 variables,
                 tok[:, None],
@@ -138,12 +214,12 @@ def _generate_fn(config: LlamaConfig, max_new: int, sampling: tuple, stops: tupl
             out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, 1)
             if penalty != 1.0:
                 seen = _mark(seen, new[:, None], ~done[:, None])
-            done = done | is_stop(new)
-            return i + 1, out, cache, new, done, seen, rng
+            done, ends = step_end(i, new, done, ends, sink)
+            return i + 1, out, cache, new, done, ends, seen, rng
 
-        state = (jnp.asarray(1, jnp.int32), out, cache, tok, done, seen, rng)
-        _, out, _, _, _, _, _ = jax.lax.while_loop(cond, body, state)
-        return out
+        state = (jnp.asarray(1, jnp.int32), out, cache, tok, done, ends, seen, rng)
+        _, out, _, _, _, ends, _, _ = jax.lax.while_loop(cond, body, state)
+        return out, ends
 
     return run
 
@@ -180,12 +256,20 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     mesh=None,
+    on_tokens: Callable[[np.ndarray, np.ndarray], object] | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt (a list of ids), up to ``max_new_tokens`` each,
     ending before the first of ``stop_ids`` a row produces (the stop token is not
     returned). ``temperature=0`` is greedy (top-k/top-p then do nothing). Raises
     ValueError for bad settings, an empty prompt, ids outside the vocabulary, or a prompt
-    plus ``max_new_tokens`` longer than the model's ``max_seq_len``."""
+    plus ``max_new_tokens`` longer than the model's ``max_seq_len``.
+
+    ``on_tokens(tokens, active)``: called from inside the jitted decode loop (an ordered
+    ``io_callback``, so the loop stays one compiled ``while_loop``) once per step, with each
+    prompt's new token ``tokens`` [B] and ``active`` [B] (False for rows already ended and
+    for a stop token, which is not part of the output). It may return a bool [B] (or None):
+    the rows to end after this step's token (e.g. a stop string was completed). The tokens
+    are those generation produces without a callback (streaming changes nothing else)."""
     c = model_config
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -212,34 +296,106 @@ def generate_tokens(
         dp = data_parallel_size(mesh)
         prompts = prompts + [[pad_id]] * (-len(prompts) % dp)
     lengths = np.asarray([len(x) for x in prompts], np.int32)
-    b, p = len(prompts), int(lengths.max())
+    # Prompt widths rounded up to a power of two (at least 16, within the context): a chat
+    # or a CLI session whose prompts grow compiles once per width, not once per prompt.
+    longest = int(lengths.max())
+    p = max(longest, min(max(16, 1 << (longest - 1).bit_length()), c.max_seq_len - max_new_tokens))
+    b = len(prompts)
     tokens = np.full((b, p), pad_id, np.int32)
     positions = np.full((b, p), -1, np.int32)
     for r, ids in enumerate(prompts):
         tokens[r, p - len(ids) :] = ids
         positions[r, p - len(ids) :] = np.arange(len(ids))
     sampling = (float(temperature), int(top_k), float(top_p), float(repetition_penalty))
-    fn = _generate_fn(c, int(max_new_tokens), sampling, stops, int(pad_id))
+    stream = on_tokens is not None
+    fn = _generate_fn(c, int(max_new_tokens), sampling, stops, int(pad_id), stream)
     rng = jax.random.PRNGKey(int(seed))
     params = _unbox_params(params)
-    if mesh is None:
-        out = fn(params, tokens, positions, lengths, rng)
-    else:
-        from herd.core import mesh as mesh_lib
+    sink = 0
+    if stream:
+        sink = next(_NEXT_SINK)
 
-        params = _place_params(c, params, mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(list(LM_RULES)):
-            batch = mesh_lib.batch_sharding(mesh, 2)
-            tokens_d = jax.device_put(tokens, batch)
-            positions_d = jax.device_put(positions, batch)
-            lengths_d = jax.device_put(lengths, mesh_lib.batch_sharding(mesh, 1))
-            out = fn(params, tokens_d, positions_d, lengths_d, rng)
-    out = np.asarray(jax.device_get(out))[:n_real]
-    result = []
-    for row in out.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        result.append(row[:cut])
-    return result
+        def host(tokens, active):  # the real rows to the caller; padding rows never stop
+            ask = on_tokens(tokens[:n_real], active[:n_real])
+            stop = np.zeros(len(tokens), bool)
+            if ask is not None:
+                stop[:n_real] = np.asarray(ask, bool).reshape(n_real)
+            return stop
+
+        _SINKS[sink] = host
+    try:
+        if mesh is None:
+            out, ends = fn(params, tokens, positions, lengths, rng, np.int32(sink))
+        else:
+            from herd.core import mesh as mesh_lib
+
+            params = _place_params(c, params, mesh)
+            with jax.set_mesh(mesh), nn.logical_axis_rules(list(LM_RULES)):
+                batch = mesh_lib.batch_sharding(mesh, 2)
+                tokens_d = jax.device_put(tokens, batch)
+                positions_d = jax.device_put(positions, batch)
+                lengths_d = jax.device_put(lengths, mesh_lib.batch_sharding(mesh, 1))
+                out, ends = fn(params, tokens_d, positions_d, lengths_d, rng, np.int32(sink))
+        out, ends = jax.device_get((out, ends))
+    finally:
+        _SINKS.pop(sink, None)
+    out, ends = np.asarray(out)[:n_real], np.asarray(ends)[:n_real]
+    return [row[:end].tolist() for row, end in zip(out, ends, strict=True)]
+
+
+class TextStream:
+    """Incremental detokenisation of one generated row: ``push(token)`` returns the text
+    that became final (possibly ''), ``finish()`` the rest, so the pieces concatenated are
+    ``decode(all tokens)`` cut before the first stop string.
+
+    Text is held back while its end is an incomplete UTF-8 character (decoders show one as
+    U+FFFD) or could be the start of a stop string. ``decode(ids) -> str`` decodes the
+    whole row each time (SentencePiece pieces depend on their neighbours: a leading space,
+    byte-fallback pieces), so what is printed never changes afterwards.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ()):
+        self._decode = decode
+        self._stops = [x for x in stop_strings if x]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False  # a stop string was completed
+
+    def _text(self) -> str:
+        text = self._decode(self.ids)
+        cuts = [i for i in (text.find(x) for x in self._stops) if i >= 0]
+        if cuts:
+            self.stopped = True
+            return text[: min(cuts)]
+        return text
+
+    def _new(self, ready: str) -> str:
+        if not ready.startswith(self.emitted):  # not prefix-stable: wait for more text
+            return ""
+        new = ready[len(self.emitted) :]
+        self.emitted = ready
+        return new
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        text = self._text()
+        if self.stopped:
+            return self._new(text)
+        ready = text.rstrip("\ufffd")
+        for x in self._stops:  # hold a tail that may begin a stop string
+            for k in range(min(len(x) - 1, len(ready)), 0, -1):
+                if ready.endswith(x[:k]):
+                    ready = ready[:-k]
+                    break
+        return self._new(ready)
+
+    def finish(self) -> str:
+        text = self._text()
+        if text.startswith(self.emitted):
+            return self._new(text)
+        return ""  # cannot happen for prefix-stable decoders; printed text is never retracted
 
 
 def generate(
@@ -252,13 +408,18 @@ def generate(
     stop_strings: Sequence[str] = (),
     stop_ids: Sequence[int] | None = None,
     bos: bool = True,
+    on_text: Callable[[int, str], object] | None = None,
     **sampling,
 ) -> list[str]:
     """The continuation text of each prompt (without the prompt). Prompts are encoded with
     ``tokenizer.encode(text, bos=bos)``; generation stops at ``stop_ids`` (default the
     tokenizer's EOS) and the text is cut before the first of ``stop_strings``. Other
     keywords (temperature, top_k, top_p, repetition_penalty, seed, mesh) go to
-    :func:`generate_tokens`."""
+    :func:`generate_tokens`.
+
+    ``on_text(row, text)``: streaming; called with each piece of a row's text as soon as it
+    is final (see :class:`TextStream`); the pieces of a row concatenated are its returned
+    text. Streaming also ends a row as soon as it completes a stop string."""
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not one string")
     if stop_ids is None:
@@ -267,6 +428,18 @@ def generate(
     ids = [list(tokenizer.encode(text, bos=bos)) for text in prompts]
     pad = getattr(tokenizer, "pad_id", 0)
     pad = pad if pad is not None and 0 <= pad < model_config.vocab_size else 0
+    on_tokens = None
+    if on_text is not None:
+        streams = [TextStream(tokenizer.decode, stop_strings) for _ in prompts]
+
+        def on_tokens(tokens, active):
+            for r, (t, a) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+                if a:
+                    piece = streams[r].push(t)
+                    if piece:
+                        on_text(r, piece)
+            return [s.stopped for s in streams]
+
     out = generate_tokens(
         model_config,
         params,
@@ -274,8 +447,14 @@ def generate(
         max_new_tokens=max_new_tokens,
         stop_ids=stop_ids,
         pad_id=pad,
+        on_tokens=on_tokens,
         **sampling,
     )
+    if on_text is not None:
+        for r, s in enumerate(streams):
+            rest = s.finish()
+            if rest:
+                on_text(r, rest)
     texts = []
     for new in out:
         text = tokenizer.decode(new)
@@ -286,11 +465,67 @@ def generate(
 
 # ----------------------------------------------------------------------------------- CLI
 
+# Sampling defaults of the CLI: Meta's reference scripts for Llama 2 / Llama 3
+# (example_text_completion.py and example_chat_completion.py: temperature 0.6, top_p 0.9).
+CLI_TEMPERATURE, CLI_TOP_P = 0.6, 0.9
+# Default new tokens: a completion or a middle, and a chat answer; never past the context.
+CLI_MAX_NEW, CLI_CHAT_MAX_NEW = 64, 256
 
-def _load(workdir: str):
-    """(LlamaConfig, params, tokenizer) of a herd.lm.train workdir, or a ValueError."""
+
+class _Source:
+    """What the CLI generates with: the model config and tokenizer (read first, cheap) and a
+    function that loads the params (the long part, called after every check)."""
+
+    def __init__(self, config, tokenizer, load_params, name):
+        self.config, self.tokenizer, self.load_params, self.name = (
+            config,
+            tokenizer,
+            load_params,
+            name,
+        )
+
+
+def hf_tokenizer_path(directory: str) -> str:
+    """The tokenizer file of a Hugging Face directory: a SentencePiece tokenizer.model at the
+    top (Llama 1/2, Code Llama), else tokenizer.json (Llama 3: byte-level BPE), else
+    original/tokenizer.model (Meta's tiktoken file inside Llama 3 repositories)."""
+    from herd.lm.tokenizer import is_tokenizer_json
+
+    top = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(top) and not is_tokenizer_json(top):
+        return top
+    for rel in ("tokenizer.json", os.path.join("original", "tokenizer.model")):
+        path = os.path.join(directory, rel)
+        if os.path.isfile(path):
+            return path
+    raise ValueError(
+        f"{directory} has no tokenizer.model or tokenizer.json: give one with --tokenizer=FILE"
+    )
+
+
+def _source(workdir: str, hf: str | None, tokenizer_file: str | None, step) -> _Source:
+    """The model config and tokenizer of a herd workdir or an HF directory (ValueError)."""
+    from herd.lm.tokenizer import load_from_workdir, load_tokenizer
+
+    if hf:
+        from herd.lm.convert import config_from_hf, from_hf
+
+        if not os.path.isdir(hf):
+            raise ValueError(f"--hf={hf} is not a directory")
+        cfg_path = os.path.join(hf, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"{hf} has no config.json (not a Hugging Face model directory)")
+        with open(cfg_path) as f:
+            try:
+                d = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        config = config_from_hf(d, where=cfg_path)
+        tok = load_tokenizer(tokenizer_file or hf_tokenizer_path(hf))
+        return _Source(config, tok, lambda: from_hf(hf)[1], hf)
+    from herd.core.checkpoint import read_config
     from herd.lm.convert import load_workdir
-    from herd.lm.tokenizer import load_from_workdir
+    from herd.lm.presets import build_model_config
 
     ckdir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckdir) or not any(d.isdigit() for d in os.listdir(ckdir)):
@@ -298,71 +533,302 @@ def _load(workdir: str):
             f"no trained model in {workdir!r} (no checkpoints): run "
             f"`python -m herd.lm.train --workdir={workdir}` first"
         )
-    config, params = load_workdir(workdir)
-    return config, params, load_from_workdir(workdir)
+    try:
+        stored = read_config(ckdir, step)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if "model" not in stored:
+        raise ValueError(f"the config of {ckdir} has no 'model' section")
+    config = build_model_config(stored["model"])
+    tok = load_tokenizer(tokenizer_file) if tokenizer_file else load_from_workdir(workdir)
+    return _Source(config, tok, lambda: load_workdir(workdir, step)[1], workdir)
 
 
-def _define_flags():
+def _check_tokenizer_fits(config: LlamaConfig, tokenizer) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{config.vocab_size}: they do not belong together"
+        )
+
+
+def _max_new(requested, default: int, prompt_len: int, config: LlamaConfig, what: str) -> int:
+    """max_new_tokens for a prompt: the requested value (an error past the context) or the
+    default, shortened to what the context leaves."""
+    room = config.max_seq_len - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"the {what} has {prompt_len} tokens, which fills the model's context of "
+            f"max_seq_len={config.max_seq_len} tokens: shorten it"
+        )
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise ValueError(
+            f"max_new_tokens={requested} with the {what} of {prompt_len} tokens exceeds the "
+            f"model's context of max_seq_len={config.max_seq_len} tokens (at most {room})"
+        )
+    return requested
+
+
+def _unescape(text: str) -> str:
+    """'\\n', '\\t' and '\\\\' in a flag value as the characters (for --stop, --prefix ...)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _stream_one(config, params, prompt_ids, decode, write, *, stop_ids, stop_strings, **kw):
+    """Generates one row, writing its text through `write` as it becomes final; returns
+    (the text, the generated ids)."""
+    stream = TextStream(decode, stop_strings)
+
+    def on_tokens(tokens, active):
+        if active[0]:
+            piece = stream.push(int(tokens[0]))
+            if piece:
+                write(piece)
+        return [stream.stopped]
+
+    (ids,) = generate_tokens(
+        config, params, [prompt_ids], stop_ids=stop_ids, on_tokens=on_tokens, **kw
+    )
+    rest = stream.finish()
+    if rest:
+        write(rest)
+    return stream.emitted, ids
+
+
+def _chat_format(tokenizer, requested: str | None) -> str:
+    from herd.lm import chat
+
+    has_llama3 = all(
+        t in (getattr(tokenizer, "special_tokens", None) or {})
+        for t in (chat.BEGIN_OF_TEXT, chat.START_HEADER, chat.END_HEADER, chat.EOT)
+    )
+    if requested is None:
+        return "llama3" if has_llama3 else "llama2"
+    if requested not in chat.STYLES:
+        raise ValueError(
+            f"--chat_format must be one of {', '.join(chat.STYLES)}, got {requested!r}"
+        )
+    if requested == "llama3" and not has_llama3:
+        chat.llama3_stop_ids(tokenizer)  # raises naming the missing special tokens
+    return requested
+
+
+def _run_chat(src, f, sampling, write, note, stdin) -> None:
+    """Reads user turns from stdin, one a line (EOF ends); answers each with the history.
+    When the history no longer fits the context with max_new_tokens, the oldest user /
+    assistant pairs are dropped (a note on stderr); a single turn that does not fit is an
+    error."""
+    from herd.lm import chat
+
+    tok, config = src.tokenizer, src.config
+    style = _chat_format(tok, f.chat_format)
+    stop_ids = sorted(chat.llama3_stop_ids(tok)) if style == "llama3" else [tok.eos_id]
+    system = [{"role": "system", "content": _unescape(f.system)}] if f.system else []
+    if system:
+        chat.chat_ids(system + [{"role": "user", "content": "x"}], tok, style)  # checks
+    params = src.load_params()
+    turns: list[dict] = []
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    while True:
+        if interactive:
+            note("> ")
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        turns.append({"role": "user", "content": text})
+        while True:
+            ids = chat.chat_ids(system + turns, tok, style)
+            room = config.max_seq_len - len(ids)
+            want = f.max_new_tokens or min(CLI_CHAT_MAX_NEW, config.max_seq_len // 2)
+            if room >= want or len(turns) == 1:
+                break
+            turns = turns[2:]
+            note(f"note: dropped the oldest exchange to fit the context of {config.max_seq_len}\n")
+        new = _max_new(f.max_new_tokens, CLI_CHAT_MAX_NEW, len(ids), config, "conversation")
+        answer, _ = _stream_one(
+            config,
+            params,
+            ids,
+            lambda x: tok.decode(x).lstrip(),  # Llama 2 answers start with a space
+            write,
+            stop_ids=stop_ids,
+            stop_strings=f.stop,
+            max_new_tokens=new,
+            **sampling,
+        )
+        write("\n")
+        turns.append({"role": "assistant", "content": answer})
+
+
+def _define_flags(fv) -> None:
     from absl import flags
 
     defs = (
-        (flags.DEFINE_string, "workdir", DEFAULT_WORKDIR, "A herd.lm.train workdir."),
-        (flags.DEFINE_string, "prompt", "import os\n", "The prompt text."),
-        (flags.DEFINE_integer, "max_new_tokens", 64, "Tokens to generate at most."),
-        (flags.DEFINE_float, "temperature", 0.0, "Sampling temperature (0 = greedy)."),
+        (flags.DEFINE_string, "workdir", DEFAULT_WORKDIR, "A herd LM workdir (its checkpoint)."),
+        (flags.DEFINE_string, "hf", None, "A Hugging Face Llama directory (instead of --workdir)."),
+        (flags.DEFINE_string, "tokenizer", None, "Tokenizer file (default: the model's)."),
+        (flags.DEFINE_integer, "step", None, "Checkpoint step of --workdir (default latest)."),
+        (flags.DEFINE_string, "prompt", "import os\n", "The prompt text ('\\n' = newline)."),
+        (flags.DEFINE_string, "prefix", None, "Infilling: the code before the gap."),
+        (flags.DEFINE_string, "suffix", None, "Infilling: the code after the gap."),
+        (flags.DEFINE_string, "fim_format", "psm", "Infilling prompt order: psm or spm."),
+        (flags.DEFINE_bool, "chat", False, "A conversation: user turns from stdin, a line each."),
+        (flags.DEFINE_string, "chat_format", None, "llama2 | llama3 (default: the tokenizer's)."),
+        (flags.DEFINE_string, "system", None, "Chat: a system prompt."),
+        (flags.DEFINE_multi_string, "stop", [], "A stop string (repeatable; '\\n' = newline)."),
+        (
+            flags.DEFINE_integer,
+            "max_new_tokens",
+            None,
+            "New tokens at most (default 64, chat 256).",
+        ),
+        (flags.DEFINE_float, "temperature", CLI_TEMPERATURE, "Sampling temperature (0 = greedy)."),
         (flags.DEFINE_integer, "top_k", 0, "Top-k sampling (0 = off)."),
-        (flags.DEFINE_float, "top_p", 1.0, "Top-p (nucleus) sampling (1 = off)."),
+        (flags.DEFINE_float, "top_p", CLI_TOP_P, "Top-p (nucleus) sampling (1 = off)."),
         (flags.DEFINE_float, "repetition_penalty", 1.0, "Repetition penalty (1 = off)."),
         (flags.DEFINE_integer, "seed", 0, "Sampling seed."),
+        (flags.DEFINE_bool, "stream", True, "Print text as it is generated."),
         (flags.DEFINE_bool, "verbose", False, "Show the traceback of an error, not one line."),
     )
     for define, name, default, help_ in defs:
-        if name not in flags.FLAGS:
-            define(name, default, help_)
+        define(name, default, help_, flag_values=fv)
+
+
+def run_cli(argv: Sequence[str], stdin=None, stdout=None) -> int:
+    """The CLI on `argv` (argv[0] the program); returns the exit status (2: a user error,
+    reported as one ``error: ...`` line on stderr)."""
+    from absl import flags
+
+    from herd.core.config import USER_ERRORS, print_user_error
+
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    fv = flags.FlagValues()
+    _define_flags(fv)
+    argv = list(argv) or ["generate"]
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        print_user_error(e)
+        return 2
+
+    def write(text: str) -> None:
+        if fv.stream:
+            stdout.write(text)
+            stdout.flush()
+        else:
+            held.append(text)
+
+    held: list[str] = []
+
+    def note(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    try:
+        if len(rest) > 1:
+            raise ValueError(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+        _cli(fv, write, note, stdin)
+    except USER_ERRORS as e:
+        if fv.verbose:
+            raise
+        print_user_error(e)
+        return 2
+    finally:
+        if held:
+            stdout.write("".join(held))
+            stdout.flush()
+    return 0
+
+
+def _cli(f, write, note, stdin) -> None:
+    sampling = dict(
+        temperature=f.temperature,
+        top_k=f.top_k,
+        top_p=f.top_p,
+        repetition_penalty=f.repetition_penalty,
+        seed=f.seed,
+    )
+    check_sampling(f.temperature, f.top_k, f.top_p, f.repetition_penalty)
+    if f.max_new_tokens is not None and f.max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {f.max_new_tokens}")
+    infill = f.prefix is not None or f.suffix is not None
+    if infill and f.chat:
+        raise ValueError("--chat and --prefix/--suffix (infilling) cannot be combined")
+    if (infill or f.chat) and f["prompt"].present:
+        raise ValueError("--prompt is for plain completion: not with --prefix/--suffix or --chat")
+    if f.hf and f["workdir"].present:
+        raise ValueError("give --workdir or --hf, not both")
+    if f.fim_format not in ("psm", "spm"):
+        raise ValueError(f"--fim_format must be psm or spm, got {f.fim_format!r}")
+    f.stop = [_unescape(x) for x in f.stop]
+    src = _source(f.workdir, f.hf, f.tokenizer, f.step)
+    tok, config = src.tokenizer, src.config
+    _check_tokenizer_fits(config, tok)
+    if f.chat:
+        _run_chat(src, f, sampling, write, note, stdin)
+        return
+    stop_ids = sorted(getattr(tok, "stop_ids", None) or {tok.eos_id})
+    if infill:
+        from herd.lm.fim import FimTokens, decode_middle, infilling_prompt
+
+        fim = FimTokens.from_tokenizer(tok)  # no sentinels: the error, before the weights
+        prefix, suffix = _unescape(f.prefix or ""), _unescape(f.suffix or "")
+        ids = infilling_prompt(prefix, suffix, tok, f.fim_format, fim_tokens=fim)
+        new = _max_new(f.max_new_tokens, CLI_MAX_NEW, len(ids), config, "infilling prompt")
+        params = src.load_params()
+        write(prefix)
+        middle, out = _stream_one(
+            config,
+            params,
+            ids,
+            lambda x: decode_middle(x, tok),
+            write,
+            stop_ids=sorted({fim.eot, *stop_ids}),
+            stop_strings=f.stop,
+            max_new_tokens=new,
+            **sampling,
+        )
+        write(suffix if suffix.endswith("\n") else suffix + "\n")
+        if len(out) == new:
+            note(f"note: no <EOT> within max_new_tokens={new}: the middle may be cut short\n")
+        return
+    prompt = _unescape(f.prompt)
+    ids = list(tok.encode(prompt, bos=True))
+    new = _max_new(f.max_new_tokens, CLI_MAX_NEW, len(ids), config, "prompt")
+    params = src.load_params()
+    write(prompt)
+    _stream_one(
+        config,
+        params,
+        ids,
+        tok.decode,
+        write,
+        stop_ids=stop_ids,
+        stop_strings=f.stop,
+        max_new_tokens=new,
+        **sampling,
+    )
+    write("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m herd.lm.generate [--workdir=DIR] [--prompt=...] [--max_new_tokens=N] ...`"""
-    from absl import app, flags
-
-    from herd.core.config import USER_ERRORS, exit_with_user_error
-
-    argv = list(argv) if argv is not None else list(sys.argv)
-    _define_flags()
-    f = flags.FLAGS
-
-    def _parse(args):
-        try:
-            return f(args)
-        except flags.Error as e:
-            exit_with_user_error(e)
-
-    def _main(args):
-        try:
-            if len(args) > 1:
-                raise ValueError(f"unexpected arguments {args[1:]} (flags are --name=value)")
-            config, params, tokenizer = _load(f.workdir)
-            prompt = f.prompt
-            (text,) = generate(
-                config,
-                params,
-                tokenizer,
-                [prompt],
-                max_new_tokens=f.max_new_tokens,
-                temperature=f.temperature,
-                top_k=f.top_k,
-                top_p=f.top_p,
-                repetition_penalty=f.repetition_penalty,
-                seed=f.seed,
-            )
-            sys.stdout.write(prompt + text + "\n")
-            sys.stdout.flush()
-        except USER_ERRORS as e:
-            if f.verbose:
-                raise
-            exit_with_user_error(e)
-
-    app.run(_main, argv=argv, flags_parser=_parse)
+    """`python -m herd.lm.generate [--workdir=DIR | --hf=DIR] [--prompt=... | --prefix=...
+    --suffix=... | --chat] ...`: see the module docstring."""
+    sys.exit(run_cli(list(sys.argv if argv is None else argv)))
 
 
 if __name__ == "__main__":

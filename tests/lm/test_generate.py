@@ -371,3 +371,100 @@ def test_greedy_equals_hf_generate_golden(case):
     want = gen["gen_tokens"].tolist()
     got = generate_tokens(cfg, params, prompts, max_new_tokens=len(want[0]))
     assert got == want
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+# The streaming tests share one model and settings (compiles are the slow part on CPU).
+def _stream_setup():
+    cfg = _config(vocab_size=264)
+    return cfg, _params(cfg, seed=3), dict(max_new_tokens=16, temperature=1.0, seed=5)
+
+
+def test_on_tokens_streams_every_step_and_changes_nothing():
+    cfg, params, kw = _stream_setup()
+    prompts = _prompts([4, 9, 6], vocab=264, seed=11)
+    plain = generate_tokens(cfg, params, prompts, stop_ids=[2], **kw)
+    assert max(len(x) for x in plain) == 16
+    steps = []
+    streamed = generate_tokens(
+        cfg, params, prompts, stop_ids=[2], on_tokens=lambda t, a: steps.append((t, a)), **kw
+    )
+    assert streamed == plain
+    assert len(steps) == 16  # one call per step, from inside the loop
+    assert [[int(t[r]) for t, a in steps if a[r]] for r in range(3)] == plain
+    # a stop token: its step and the later ones are inactive for that row
+    stop = plain[1][4]
+    want = [row[: row.index(stop)] if stop in row else row for row in plain]
+    steps.clear()
+    got = generate_tokens(
+        cfg, params, prompts, stop_ids=[2, stop], on_tokens=lambda t, a: steps.append(a), **kw
+    )
+    assert got == want and len(got[1]) == 4
+    assert [sum(bool(a[r]) for a in steps) for r in range(3)] == [len(x) for x in want]
+
+    # the host ends row 0 after its 4th token: row 0 keeps 4 tokens, the others are unchanged
+    def stop_row0(tokens, active):
+        steps.append(1)
+        return np.asarray([len(steps) == 4, False, False])
+
+    steps.clear()
+    got = generate_tokens(cfg, params, prompts, stop_ids=[2], on_tokens=stop_row0, **kw)
+    assert got == [plain[0][:4], plain[1], plain[2]]
+
+
+class _ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 (1 BOS, 2 EOS, 0 pad); decode replaces broken bytes."""
+
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 259
+
+    def encode(self, text, bos=False):
+        return ([1] if bos else []) + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_partial_characters_and_stop_strings():
+    from herd.lm.generate import TextStream
+
+    tok = _ByteTokenizer()
+    text = "héllo 日本 🙂 wörld END tail"
+    s = TextStream(tok.decode)
+    pieces = [s.push(i) for i in tok.encode(text)] + [s.finish()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+    assert sum(bool(p) for p in pieces) > 10  # printed as it comes
+    s = TextStream(tok.decode, stop_strings=["END", "日本語"])
+    for i in tok.encode("héllo 日本"):
+        s.push(i)
+    assert s.emitted == "héllo "  # '日本' may begin '日本語': held
+    pieces = [s.emitted]
+    for i in tok.encode(" 🙂 wörld END tail"):
+        pieces.append(s.push(i))
+        if s.stopped:
+            break
+    pieces.append(s.finish())
+    assert s.stopped and "".join(pieces) == "héllo 日本 🙂 wörld "
+
+
+def test_generate_streaming_text_equals_final_text():
+    cfg, params, kw = _stream_setup()
+    tok = _ByteTokenizer()
+    prompts = ["é", "日本語の"]
+    plain = generate(cfg, params, tok, prompts, **kw)
+    pieces = {0: [], 1: []}
+    streamed = generate(cfg, params, tok, prompts, on_text=lambda r, t: pieces[r].append(t), **kw)
+    assert streamed == plain
+    assert ["".join(pieces[r]) for r in (0, 1)] == plain
+    assert all(len(pieces[r]) > 1 for r in (0, 1))
+    # a stop string ends the row during generation: same text as cutting afterwards
+    stop = plain[1][5:7]
+    cut = generate(cfg, params, tok, prompts, stop_strings=[stop], **kw)
+    pieces = {0: [], 1: []}
+    got = generate(
+        cfg, params, tok, prompts, stop_strings=[stop], on_text=lambda r, t: pieces[r].append(t),
+        **kw,
+    )  # fmt: skip
+    assert got == cut and ["".join(pieces[r]) for r in (0, 1)] == cut
