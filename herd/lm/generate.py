@@ -719,6 +719,9 @@ def run_cli(argv: Sequence[str], stdin=None, stdout=None) -> int:
     fv = flags.FlagValues()
     _define_flags(fv)
     argv = list(argv) or ["generate"]
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        stdout.write(__doc__[__doc__.index("CLI::") :] + "\nflags:\n" + fv.get_help() + "\n")
+        return 0
     try:
         rest = fv(argv)
     except flags.Error as e:

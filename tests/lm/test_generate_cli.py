@@ -259,6 +259,8 @@ def test_errors_are_one_line_before_the_weights(llama3_dirs, fim_workdir, monkey
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
     code, _ = _run(f"--hf={os.path.dirname(hf)}")
     assert code == 2 and "no config.json" in capsys.readouterr().err
+    code, out = _run("--help")
+    assert code == 0 and "--prefix" in out.getvalue() and "chat_format" in out.getvalue()
     # no model in ./workdir/lm: the line names the command to run first
     monkeypatch.chdir(os.path.dirname(workdir))
     code, _ = _run()
