@@ -64,6 +64,8 @@ def as_rng(rng) -> np.random.Generator:
         return rng
     if isinstance(rng, (int, np.integer)):
         return np.random.default_rng(int(rng))
+    if all(hasattr(rng, m) for m in ("random", "integers", "uniform")):
+        return rng  # a stand-in with the Generator methods (tests pin draws with one)
     raise TypeError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng)}")
 
 
@@ -505,8 +507,12 @@ def cutmix_box(height: int, width: int, lam: float, rng) -> tuple[tuple[int, int
     cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
     cy = int(rng.integers(0, height))
     cx = int(rng.integers(0, width))
-    y0, y1 = int(np.clip(cy - cut_h // 2, 0, height)), int(np.clip(cy + cut_h // 2, 0, height))
-    x0, x1 = int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cx + cut_w // 2, 0, width))
+    # timm >= 0.9 spans cut_h exactly ((cut + 1) // 2 after the centre); the timm 0.3.2 that
+    # DeiT pinned used cut // 2, one pixel short for odd cuts; lam is corrected either way
+    y0 = int(np.clip(cy - cut_h // 2, 0, height))
+    y1 = int(np.clip(cy + (cut_h + 1) // 2, 0, height))
+    x0 = int(np.clip(cx - cut_w // 2, 0, width))
+    x1 = int(np.clip(cx + (cut_w + 1) // 2, 0, width))
     lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
     return (y0, y1, x0, x1), lam
 
