@@ -732,6 +732,14 @@ def make_pipeline(
         it = iter(batched)
     it.plan = plan
     it.num_classes = source.num_classes
+    log.info(
+        "data: %s (%d images, %d classes), %s, process %d of %d: %d samples and %d steps of "
+        "%d per epoch",
+        source.name, n, source.num_classes,
+        f"train augment={augment} repeated_aug={repeated_aug}" if train
+        else f"eval crop_ratio={crop_ratio}",
+        process_index, process_count, plan.samples, plan.steps, plan.batch_size,
+    )  # fmt: skip
     return it
 
 
