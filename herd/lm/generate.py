@@ -269,7 +269,8 @@ def generate_tokens(
     prompt's new token ``tokens`` [B] and ``active`` [B] (False for rows already ended and
     for a stop token, which is not part of the output). It may return a bool [B] (or None):
     the rows to end after this step's token (e.g. a stop string was completed). The tokens
-    are those generation produces without a callback (streaming changes nothing else)."""
+    are those generation produces without a callback (streaming changes nothing else). An
+    exception in ``on_tokens`` ends every row and is raised again by this function."""
     c = model_config
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
@@ -312,15 +313,22 @@ def generate_tokens(
     rng = jax.random.PRNGKey(int(seed))
     params = _unbox_params(params)
     sink = 0
+    raised: list[BaseException] = []
     if stream:
         sink = next(_NEXT_SINK)
 
         def host(tokens, active):  # the real rows to the caller; padding rows never stop
-            ask = on_tokens(tokens[:n_real], active[:n_real])
-            stop = np.zeros(len(tokens), bool)
-            if ask is not None:
-                stop[:n_real] = np.asarray(ask, bool).reshape(n_real)
-            return stop
+            if raised:
+                return np.ones(len(tokens), bool)
+            try:
+                ask = on_tokens(tokens[:n_real], active[:n_real])
+                stop = np.zeros(len(tokens), bool)
+                if ask is not None:
+                    stop[:n_real] = np.asarray(ask, bool).reshape(n_real)
+                return stop
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the loop
+                raised.append(e)  # (raised in here, XLA would wrap it in a runtime error)
+                return np.ones(len(tokens), bool)
 
         _SINKS[sink] = host
     try:
@@ -339,6 +347,8 @@ def generate_tokens(
         out, ends = jax.device_get((out, ends))
     finally:
         _SINKS.pop(sink, None)
+    if raised:
+        raise raised[0]
     out, ends = np.asarray(out)[:n_real], np.asarray(ends)[:n_real]
     return [row[:end].tolist() for row, end in zip(out, ends, strict=True)]
 

@@ -270,9 +270,13 @@ def test_generation_on_mesh_equals_one_device():
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     assert generate_tokens(cfg, params, prompts, max_new_tokens=16, mesh=mesh) == one
     kw = dict(max_new_tokens=12, temperature=0.9, top_k=30, seed=1)
-    assert generate_tokens(cfg, params, prompts, mesh=mesh, **kw) == generate_tokens(
-        cfg, params, prompts, **kw
+    sampled = generate_tokens(cfg, params, prompts, **kw)
+    assert generate_tokens(cfg, params, prompts, mesh=mesh, **kw) == sampled
+    steps = []  # streaming on the mesh: the host gets each step's tokens of the real rows
+    got = generate_tokens(
+        cfg, params, prompts, mesh=mesh, on_tokens=lambda t, a: steps.append(t), **kw
     )
+    assert got == sampled and [[int(t[r]) for t in steps] for r in range(3)] == sampled
 
 
 class _CharTokenizer:
@@ -412,6 +416,15 @@ def test_on_tokens_streams_every_step_and_changes_nothing():
     steps.clear()
     got = generate_tokens(cfg, params, prompts, stop_ids=[2], on_tokens=stop_row0, **kw)
     assert got == [plain[0][:4], plain[1], plain[2]]
+
+    def fails(tokens, active):  # the callback's own error, not an XLA runtime error
+        steps.append(1)
+        raise OSError("broken pipe")
+
+    steps.clear()
+    with pytest.raises(OSError, match="broken pipe"):
+        generate_tokens(cfg, params, prompts, stop_ids=[2], on_tokens=fails, **kw)
+    assert len(steps) == 1  # the loop ended at once
 
 
 class _ByteTokenizer:
