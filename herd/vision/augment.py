@@ -16,10 +16,14 @@ Per image (PIL RGB in, PIL RGB out)::
     simple_random_crop(img, size, rng, padding=4)      # resize, reflect-pad, random crop
     horizontal_flip(img, rng, p=0.5)
     grayscale(img) / solarize(img, threshold=128) / gaussian_blur(img, rng, sigma=(0.1, 2))
-    three_augment(img, rng, color_jitter=0.3)          # exactly one of the three, then jitter
+    three_augment(img, rng, color_jitter_strength=0.3)  # one of the three, then jitter
     color_jitter(img, rng, brightness, contrast, saturation)
     rand_augment(img, rng, spec='rand-m9-mstd0.5-inc1', fill=..., interpolation='bicubic')
     train_transform(img, rng, augment=..., image_size=...)  # a whole recipe, see AUGMENTS
+    (RandAugment implements timm's 15 ops, RAND_AUGMENT_INCREASING_OPS for inc1 (DeiT's
+    fine-tuning: AutoContrast, Equalize, Invert, Rotate, PosterizeIncreasing,
+    SolarizeIncreasing, SolarizeAdd, Color/Contrast/Brightness/SharpnessIncreasing, ShearX,
+    ShearY, TranslateXRel, TranslateYRel) or RAND_AUGMENT_OPS; no Cutout, no weighted choice)
     to_normalized_array(img) -> float32 HWC, (x / 255 - ImageNet mean) / std
 
 Per batch (numpy, NHWC float images, int labels)::
@@ -333,7 +337,7 @@ def _negate_half(v: float, rng) -> float:
     return -v if rng.random() > 0.5 else v  # timm _randomly_negate
 
 
-def _op_args(name: str, level: float, rng, img: Image.Image):
+def _op_args(name: str, level: float, rng):
     """timm's LEVEL_TO_ARG for ``name`` at magnitude ``level`` (0..10)."""
     frac = level / _LEVEL_DENOM
     if name in ("AutoContrast", "Equalize", "Invert"):
@@ -431,7 +435,7 @@ def rand_augment(
         elif cfg["magnitude_std"] > 0:
             magnitude = rng.normal(magnitude, cfg["magnitude_std"])
         magnitude = max(0.0, min(float(magnitude), cfg["magnitude_max"]))
-        img = _apply_op(name, img, _op_args(name, magnitude, rng, img), fill, interp)
+        img = _apply_op(name, img, _op_args(name, magnitude, rng), fill, interp)
         if record is not None:
             record.append(name)
     return img

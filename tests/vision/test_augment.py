@@ -223,7 +223,7 @@ def test_rand_augment_ops_and_probability():
 def test_rand_augment_increasing_solarize_threshold():
     """SolarizeIncreasing at magnitude 9 (std 0): threshold 256 - int(0.9 * 256) = 26."""
     arr = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
-    args = va._op_args("SolarizeIncreasing", 9.0, np.random.default_rng(0), None)
+    args = va._op_args("SolarizeIncreasing", 9.0, np.random.default_rng(0))
     assert args == (26,)
     out = va._apply_op("SolarizeIncreasing", Image.fromarray(arr), args, (0, 0, 0), None)
     np.testing.assert_array_equal(
@@ -413,7 +413,7 @@ def test_ops_match_torchvision_and_timm(monkeypatch):
                 monkeypatch.setattr(taa.random, "random", lambda r=r: r)
                 fn = taa.LEVEL_TO_ARG[name]
                 want_args = fn(level, hparams) if fn is not None else ()
-                got_args = va._op_args(name, level, _PinnedDraws(random=r), img)
+                got_args = va._op_args(name, level, _PinnedDraws(random=r))
                 np.testing.assert_allclose(got_args, want_args, rtol=1e-12)
                 if name.startswith("Posterize") and want_args[0] <= 0:
                     continue  # PIL >= 11 refuses 0 bits, timm then raises; ours: black (above)
