@@ -648,6 +648,7 @@ def _run_chat(src, f, sampling, write, note, stdin) -> None:
         chat.chat_ids(system + [{"role": "user", "content": "x"}], tok, style)  # checks
     params = src.load_params()
     turns: list[dict] = []
+    n_answers = 0
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     while True:
         if interactive:
@@ -677,9 +678,10 @@ def _run_chat(src, f, sampling, write, note, stdin) -> None:
             stop_ids=stop_ids,
             stop_strings=f.stop,
             max_new_tokens=new,
-            **sampling,
+            **dict(sampling, seed=sampling["seed"] + n_answers),  # new draws each turn
         )
         write("\n")
+        n_answers += 1
         turns.append({"role": "assistant", "content": answer})
 
 
