@@ -1,8 +1,9 @@
-"""Tokenizers for the Llama herd: SentencePiece (LLaMA 1/2, Code Llama) and tiktoken BPE (Llama 3).
+"""Tokenizers for the Llama herd: SentencePiece (LLaMA 1/2, Code Llama), tiktoken BPE (Llama 3).
 
 One interface (:class:`Tokenizer`) over both formats::
 
     tok = load_tokenizer("tokenizer.model")     # either format, detected from the file
+    tok = load_tokenizer("tokenizer.json")      # a Hugging Face byte-level BPE (Llama 3's)
     ids = tok.encode("def f():\\n\\treturn 1\\n", bos=True, eos=True)
     text = tok.decode(ids)                       # special tokens (bos/eos/...) decode to ''
                                                  # for SentencePiece, to their text for tiktoken
@@ -21,7 +22,12 @@ Public API::
         # special_tokens (dict str -> id), fingerprint (sha256 of the model file), path
     class SentencePieceTokenizer(path_or_bytes, *, exact=None)
     class TiktokenTokenizer(path, *, special_tokens=None (Llama 3's 256), pat_str=LLAMA3_PAT_STR)
+        # path: a tiktoken file, or a tokenizer.json (its added tokens are the special tokens;
+        # merges_exact: encoded by tiktoken, else by MergesBPE with HF's merge rule)
+        decode_bytes(ids) -> bytes
     def load_tokenizer(path, **kwargs) -> SentencePieceTokenizer | TiktokenTokenizer
+    def read_tokenizer_json(path) -> TokenizerJsonSpec   # ranks, merges, specials, regex
+    def is_tokenizer_json(path) -> bool; bytes_to_unicode() -> dict[int, str] (GPT-2's map)
     def train_tokenizer(texts_or_files, vocab_size, model_path, *, max_sentences=300_000,
         max_sentence_length=4192, seed=0, ...) -> SentencePieceTokenizer
     def get_or_train_tokenizer(model_path, texts_or_files, vocab_size, **kw)  # cache on disk
