@@ -694,7 +694,7 @@ def _merges_are_tiktoken(ranks: dict[bytes, int], merges: list[tuple[bytes, byte
     last = -1
     for a, b in merges:
         r = ranks.get(a + b)
-        if r is None or r < last:
+        if r is None or r < last or a not in ranks or b not in ranks:
             return False
         last = r
     n_splits = 0
