@@ -78,7 +78,6 @@ __all__ = [
     "check_sampling",
     "generate",
     "generate_tokens",
-    "hf_tokenizer_path",
     "main",
     "run_cli",
 ]
@@ -495,27 +494,9 @@ class _Source:
         )
 
 
-def hf_tokenizer_path(directory: str) -> str:
-    """The tokenizer file of a Hugging Face directory: a SentencePiece tokenizer.model at the
-    top (Llama 1/2, Code Llama), else tokenizer.json (Llama 3: byte-level BPE), else
-    original/tokenizer.model (Meta's tiktoken file inside Llama 3 repositories)."""
-    from herd.lm.tokenizer import is_tokenizer_json
-
-    top = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(top) and not is_tokenizer_json(top):
-        return top
-    for rel in ("tokenizer.json", os.path.join("original", "tokenizer.model")):
-        path = os.path.join(directory, rel)
-        if os.path.isfile(path):
-            return path
-    raise ValueError(
-        f"{directory} has no tokenizer.model or tokenizer.json: give one with --tokenizer=FILE"
-    )
-
-
 def _source(workdir: str, hf: str | None, tokenizer_file: str | None, step) -> _Source:
     """The model config and tokenizer of a herd workdir or an HF directory (ValueError)."""
-    from herd.lm.tokenizer import load_from_workdir, load_tokenizer
+    from herd.lm.tokenizer import find_hf_tokenizer, load_from_workdir, load_tokenizer
 
     if hf:
         from herd.lm.convert import config_from_hf, from_hf
@@ -531,7 +512,7 @@ def _source(workdir: str, hf: str | None, tokenizer_file: str | None, step) -> _
             except ValueError as e:
                 raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
         config = config_from_hf(d, where=cfg_path)
-        tok = load_tokenizer(tokenizer_file or hf_tokenizer_path(hf))
+        tok = load_tokenizer(tokenizer_file or find_hf_tokenizer(hf))
         return _Source(config, tok, lambda: from_hf(hf)[1], hf)
     from herd.core.checkpoint import read_config
     from herd.lm.convert import load_workdir

@@ -28,6 +28,7 @@ Public API::
     def load_tokenizer(path, **kwargs) -> SentencePieceTokenizer | TiktokenTokenizer
     def read_tokenizer_json(path) -> TokenizerJsonSpec   # ranks, merges, specials, regex
     def is_tokenizer_json(path) -> bool; bytes_to_unicode() -> dict[int, str] (GPT-2's map)
+    def find_hf_tokenizer(directory) -> str   # tokenizer.model / tokenizer.json of an HF dir
     def train_tokenizer(texts_or_files, vocab_size, model_path, *, max_sentences=300_000,
         max_sentence_length=4192, seed=0, ...) -> SentencePieceTokenizer
     def get_or_train_tokenizer(model_path, texts_or_files, vocab_size, **kw)  # cache on disk
@@ -826,6 +827,25 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> SentencePieceTokenizer 
     if _TIKTOKEN_LINE.match(first_line) or head.lstrip().startswith(b"{"):
         return TiktokenTokenizer(path, **kwargs)
     return SentencePieceTokenizer(path, **kwargs)
+
+
+def find_hf_tokenizer(directory: str | os.PathLike) -> str:
+    """The tokenizer file of a Hugging Face model directory: a SentencePiece tokenizer.model
+    at the top (Llama 1/2, Code Llama: their tokenizer.json is the same model exported, which
+    herd refuses), else tokenizer.json (Llama 3: byte-level BPE), else
+    original/tokenizer.model (Meta's tiktoken file inside Llama 3 repositories). ValueError
+    naming the directory when there is none."""
+    directory = os.fspath(directory)
+    top = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(top) and not is_tokenizer_json(top):
+        return top
+    for rel in ("tokenizer.json", os.path.join("original", "tokenizer.model")):
+        path = os.path.join(directory, rel)
+        if os.path.isfile(path):
+            return path
+    raise ValueError(
+        f"{directory} has no tokenizer.model or tokenizer.json: give one with --tokenizer=FILE"
+    )
 
 
 def _iter_documents(texts_or_files, input_kind: str = "auto") -> Iterator[str]:

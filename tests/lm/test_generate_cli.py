@@ -274,14 +274,12 @@ def test_hf_tokenizer_path_order(tmp_path, fim_workdir):
     _, tok = fim_workdir
     (tmp_path / "original").mkdir()
     (tmp_path / "original" / "tokenizer.model").write_text("x")
-    assert gen.hf_tokenizer_path(str(tmp_path)).endswith(
-        os.path.join("original", "tokenizer.model")
-    )
+    assert tl.find_hf_tokenizer(str(tmp_path)).endswith(os.path.join("original", "tokenizer.model"))
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert gen.hf_tokenizer_path(str(tmp_path)).endswith("tokenizer.json")
+    assert tl.find_hf_tokenizer(str(tmp_path)).endswith("tokenizer.json")
     sp = workdir_tokenizer_path(fim_workdir[0])
     (tmp_path / "tokenizer.model").write_bytes(open(sp, "rb").read())
-    assert gen.hf_tokenizer_path(str(tmp_path)) == str(tmp_path / "tokenizer.model")
+    assert tl.find_hf_tokenizer(str(tmp_path)) == str(tmp_path / "tokenizer.model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no tokenizer.model or tokenizer.json"):
-        gen.hf_tokenizer_path(str(tmp_path / "empty"))
+        tl.find_hf_tokenizer(str(tmp_path / "empty"))
