@@ -36,8 +36,18 @@ family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test confi
 compiled for the new shape and the data stream continues where it was (no token skipped
 or repeated); a checkpoint resumes in the right stage. Eval batches keep the first shape.
 
-The sample uses a plain greedy loop that re-runs the model on the growing sequence (no KV
-cache); a real prefill + decode generator is herd.lm.generate's job.
+``train.init_from`` fine-tunes from a checkpoint: a herd workdir (its latest step; one
+written by ``python -m herd.lm.convert`` from Hugging Face or Meta weights too), its
+``checkpoints`` directory or one ``checkpoints/<step>``. Only its params are read, straight
+onto the train shardings; the optimiser state is fresh and the step starts at 0. Its stored
+model is the base that the fields cfg.model sets change: weight-defining ones must agree
+(one error names the field and both values) except that vocab_size may grow; rope_theta,
+rope_scaling, max_seq_len, dtype, remat may change, which is what Code Llama's long-context
+fine-tuning does (``configs/lm/code_llama_7b_longctx.py``: rope_theta 1e4 -> 1e6, sequences
+4096 -> 16384). Its tokenizer is used unless data.tokenizer is set. A workdir that already
+holds checkpoints of its own resumes them instead (the log says so).
+
+The sample at the end is herd.lm.generate's greedy decoding (KV cache, one jitted loop).
 """
 
 from __future__ import annotations

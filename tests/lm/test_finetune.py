@@ -118,10 +118,11 @@ def test_finetune_loads_the_weights_with_a_new_rope_theta_and_seq_len(pretrained
     at_init = _loss(stored, params, batch)
     fresh_params = Llama(stored).init(jax.random.key(0), batch["inputs"][:1])["params"]
     fresh = _loss(stored, jax.device_get(fresh_params), batch)
-    print(
-        f"first fine-tune loss {first['loss'][1]:.5f}; restored params {at_init:.5f}; "
-        f"fresh init {fresh:.5f}"
-    )
+    with capsys.disabled():  # the measured numbers, for the log of a -s run
+        print(
+            f"first fine-tune loss {first['loss'][1]:.5f}; restored params {at_init:.5f}; "
+            f"fresh init {fresh:.5f}"
+        )
     np.testing.assert_allclose(first["loss"][1], at_init, rtol=2e-5)
     assert fresh - at_init > 0.1  # and a re-initialised model would be far off
 
