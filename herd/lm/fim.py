@@ -356,3 +356,158 @@ def infill_text(
     stops = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", -1) >= 0 else []
     ids, finished = split_infill_output(generated_ids, t, stops)
     return decode_middle(ids, tokenizer), finished
+
+
+# --------------------------------------------------------------------------------------------
+# Infilling evaluation: held-out single-line middles, exact match
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InfillExample:
+    """One infilling task: the model sees ``prefix`` (and ``suffix``) and must produce
+    ``middle``; ``where`` names the document and line."""
+
+    prefix: str
+    middle: str
+    suffix: str
+    where: str = ""
+
+
+def single_line_examples(
+    documents: Sequence[str],
+    n: int,
+    *,
+    seed: int = 0,
+    max_prefix_chars: int = 240,
+    max_suffix_chars: int = 160,
+    max_line_chars: int = 80,
+    names: Sequence[str] | None = None,
+) -> list[InfillExample]:
+    """``n`` single-line infilling tasks cut from ``documents`` (e.g. held-out files' text).
+
+    Lines are drawn without replacement, uniformly over all non-blank lines of at most
+    ``max_line_chars`` characters (longer ones are left out: a tiny model's generation
+    budget), with ``np.random.default_rng(seed)``. For a line ``text[a:b]`` (``b`` at its
+    newline): middle = the line without its newline (indentation included), prefix = the
+    text before ``a``, suffix = the text from ``b`` on (it starts with the newline). The
+    prefix keeps at most ``max_prefix_chars`` characters before the line and starts at a
+    line start; the suffix keeps at most ``max_suffix_chars`` and ends at a line end, so a
+    prompt never starts or ends inside a line (the context limit of a small model). Raises
+    ValueError when fewer than ``n`` lines qualify.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    for key, value in (
+        ("max_prefix_chars", max_prefix_chars),
+        ("max_suffix_chars", max_suffix_chars),
+        ("max_line_chars", max_line_chars),
+    ):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    names = list(names) if names is not None else [f"document {k}" for k in range(len(documents))]
+    if len(names) != len(documents):
+        raise ValueError(f"{len(names)} names for {len(documents)} documents")
+    candidates: list[tuple[int, int, int, int]] = []  # (doc, line number, start, end)
+    for d, text in enumerate(documents):
+        pos = 0
+        for k, line in enumerate(text.splitlines(keepends=True)):
+            body = line.rstrip("\r\n")
+            if body.strip() and len(body) <= max_line_chars:
+                candidates.append((d, k, pos, pos + len(body)))
+            pos += len(line)
+    if len(candidates) < n:
+        raise ValueError(
+            f"asked for {n} single-line examples but the documents have only "
+            f"{len(candidates)} non-blank lines of <= {max_line_chars} characters"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(candidates), size=n, replace=False).tolist())
+    out = []
+    for c in chosen:
+        d, k, a, b = candidates[c]
+        text = documents[d]
+        prefix = text[max(0, a - max_prefix_chars) : a]
+        if a > max_prefix_chars and "\n" in prefix:  # start at a line start
+            prefix = prefix[prefix.index("\n") + 1 :]
+        elif a > max_prefix_chars:
+            prefix = ""
+        suffix = text[b : b + max_suffix_chars]
+        if b + max_suffix_chars < len(text):  # end at a line end
+            suffix = suffix[: suffix.rfind("\n") + 1] if "\n" in suffix[1:] else suffix[:1]
+        out.append(InfillExample(prefix, text[a:b], suffix, f"{names[d]}:{k + 1}"))
+    return out
+
+
+@dataclass(frozen=True)
+class InfillResult:
+    """Exact-match rate of infilled lines: ``exact`` of ``n`` examples; ``predictions``
+    (the generated lines, in example order) and ``mode``."""
+
+    mode: str
+    exact: int
+    n: int
+    predictions: tuple[str, ...]
+
+    @property
+    def rate(self) -> float:
+        return self.exact / self.n if self.n else 0.0
+
+
+INFILL_MODES = ("psm", "spm", "left_to_right")
+
+
+def infill_exact_match(
+    model_config,
+    params,
+    tokenizer,
+    examples: Sequence[InfillExample],
+    *,
+    mode: str = "psm",
+    max_new_tokens: int = 48,
+    fim_tokens: FimTokens | None = None,
+    mesh=None,
+) -> InfillResult:
+    """Greedy infilling of single-line middles, scored by exact match.
+
+    ``mode`` 'psm' / 'spm': Code Llama's infilling prompt (``infilling_prompt``) and
+    generation until <EOT> (or EOS, or a newline); 'left_to_right': what a model trained
+    without FIM can do, BOS + prefix only, the continuation cut at its first newline. A
+    prediction is exact when it equals the true line up to trailing whitespace. All prompts
+    go through one batched ``herd.lm.generate.generate_tokens`` call (one compilation).
+    """
+    from herd.lm.generate import generate_tokens
+
+    if mode not in INFILL_MODES:
+        raise ValueError(f"infill mode must be one of {INFILL_MODES}, got {mode!r}")
+    if not examples:
+        raise ValueError("no infilling examples")
+    stops = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", -1) >= 0 else []
+    newline = list(tokenizer.encode("\n"))
+    if len(newline) == 1:  # a line ends at its newline token (herd tokenizers: one piece)
+        stops.append(newline[0])
+    if mode == "left_to_right":
+        prompts = [list(tokenizer.encode(e.prefix, bos=True)) for e in examples]
+    else:
+        t = fim_tokens if fim_tokens is not None else FimTokens.from_tokenizer(tokenizer)
+        stops.append(t.eot)
+        prompts = [
+            infilling_prompt(e.prefix, e.suffix, tokenizer, mode, fim_tokens=t) for e in examples
+        ]
+    pad = getattr(tokenizer, "pad_id", 0)
+    pad = pad if pad is not None and 0 <= pad < model_config.vocab_size else 0
+    outs = generate_tokens(
+        model_config,
+        params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        pad_id=pad,
+        mesh=mesh,
+    )
+    predictions, exact = [], 0
+    for e, ids in zip(examples, outs, strict=True):
+        line = decode_middle(ids, tokenizer).split("\n", 1)[0]
+        predictions.append(line)
+        exact += line.rstrip() == e.middle.rstrip()
+    return InfillResult(mode, exact, len(examples), tuple(predictions))

@@ -254,3 +254,83 @@ def test_bad_config():
         fim.FimTransform(CharTok(), spm_rate=-0.1, fim_tokens=FAKE_FIM)
     with pytest.raises(TypeError):
         fim.FimTransform(CharTok(), fim_tokens=FAKE_FIM)(b"bytes", 0)
+
+
+# ----------------------------------------------------------------- infilling evaluation
+
+SOURCE = "import os\n\n\ndef f(x):\n    if x:\n        return 1\n    else:\n        return 2\n"
+
+
+def test_single_line_examples_cut_whole_lines(docs):
+    ex = fim.single_line_examples(docs, 50, seed=3, max_prefix_chars=120, max_suffix_chars=90)
+    assert len(ex) == 50 and len({e.where for e in ex}) == 50
+    assert ex == fim.single_line_examples(
+        docs, 50, seed=3, max_prefix_chars=120, max_suffix_chars=90
+    )  # deterministic
+    assert ex != fim.single_line_examples(docs, 50, seed=4, max_prefix_chars=120)
+    for e in ex:
+        assert e.middle.strip() and "\n" not in e.middle and len(e.middle) <= 80
+        assert len(e.prefix) <= 120 and len(e.suffix) <= 90
+        assert e.prefix == "" or e.prefix.endswith("\n")  # the line starts a line
+        assert e.suffix == "" or e.suffix.startswith(("\n", "\r\n"))
+        assert any(e.prefix + e.middle + e.suffix in d for d in docs)
+        doc = next(d for d in docs if e.prefix + e.middle + e.suffix in d)
+        start = doc.index(e.prefix + e.middle + e.suffix)
+        assert start == 0 or doc[start - 1] == "\n"  # the prefix starts at a line start
+        end = start + len(e.prefix + e.middle + e.suffix)
+        assert end == len(doc) or e.suffix.endswith("\n")  # the suffix ends at a line end
+
+
+def test_single_line_examples_small_document_and_errors():
+    ex = fim.single_line_examples([SOURCE], 6, seed=0, names=["m.py"])
+    assert sorted(e.where for e in ex) == [f"m.py:{k}" for k in (1, 4, 5, 6, 7, 8)]
+    e = next(e for e in ex if e.where == "m.py:7")
+    cut = SOURCE.index("    else:")
+    assert (e.prefix, e.middle, e.suffix) == (SOURCE[:cut], "    else:", "\n        return 2\n")
+    with pytest.raises(ValueError, match="only 6 non-blank lines"):
+        fim.single_line_examples([SOURCE], 7)
+    with pytest.raises(ValueError, match="max_line_chars must be >= 1, got 0"):
+        fim.single_line_examples([SOURCE], 1, max_line_chars=0)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fim.single_line_examples([SOURCE], 0)
+
+
+def test_infill_exact_match_prompts_and_scoring(tok, monkeypatch):
+    """The prompts handed to generate_tokens and how its output is scored (the generation
+    itself is herd.lm.generate's, tested there)."""
+    from herd.lm import generate as gen
+
+    t = fim.FimTokens.from_tokenizer(tok)
+    nl = tok.encode("\n")
+    assert len(nl) == 1
+    ex = [
+        fim.InfillExample("def f(x):\n", "    return x", "\n\nY = 2\n"),
+        fim.InfillExample("if a:\n    b()\n", "else:", "\n    c()\n"),
+        fim.InfillExample("", "import os", "\nimport sys\n"),
+    ]
+    seen = {}
+
+    def fake(config, params, prompts, *, max_new_tokens, stop_ids, pad_id, mesh=None):
+        seen.update(prompts=prompts, stops=set(stop_ids), max_new=max_new_tokens)
+        return [
+            tok.encode("    return x  "),  # trailing spaces: still exact
+            tok.encode("else"),  # wrong
+            tok.encode("import os") + nl + tok.encode("junk"),  # cut at the newline
+        ]
+
+    monkeypatch.setattr(gen, "generate_tokens", fake)
+    cfg = type("C", (), {"vocab_size": tok.vocab_size})()
+    r = fim.infill_exact_match(cfg, None, tok, ex, mode="psm", max_new_tokens=20)
+    assert (r.exact, r.n, r.rate) == (2, 3, 2 / 3)
+    assert r.predictions == ("    return x  ", "else", "import os")
+    assert seen["prompts"] == [fim.infilling_prompt(e.prefix, e.suffix, tok, "psm") for e in ex]
+    assert seen["stops"] == {t.eot, tok.eos_id, nl[0]} and seen["max_new"] == 20
+    fim.infill_exact_match(cfg, None, tok, ex, mode="left_to_right")
+    assert seen["prompts"] == [tok.encode(e.prefix, bos=True) for e in ex]
+    assert seen["stops"] == {tok.eos_id, nl[0]}  # no <EOT> without FIM
+    fim.infill_exact_match(cfg, None, tok, ex, mode="spm")
+    assert seen["prompts"][1] == fim.infilling_prompt(ex[1].prefix, ex[1].suffix, tok, "spm")
+    with pytest.raises(ValueError, match="infill mode must be one of"):
+        fim.infill_exact_match(cfg, None, tok, ex, mode="sideways")
+    with pytest.raises(ValueError, match="no infilling examples"):
+        fim.infill_exact_match(cfg, None, tok, [], mode="psm")
