@@ -130,8 +130,10 @@ def detect_layout(keys) -> str:
         return "patchconvnet"
     if any(re.fullmatch(r"blocks\.\d+\.(gamma_\d(_1)?|norm11\.weight)", k) for k in keys):
         return "official"
+    if any(re.match(r"blocks\.\d+\.(ls\d\.gamma|attns\.|ffns\.)", k) for k in keys):
+        return "timm"
     if any(re.match(r"patch_embed\.proj\.\d+\.", k) for k in keys):
-        return "official"  # the hMLP stem exists only in the official code
+        return "official"  # an hMLP stem (official code only) on blocks without LayerScale
     return "timm"
 
 
@@ -562,12 +564,16 @@ def to_timm(
 ) -> dict[str, np.ndarray]:
     """herd params -> a state dict of numpy arrays in torch layouts.
 
-    ``layout``: 'timm' (default for a ViT), 'official' (DeiT III release names) or
+    ``layout``: 'timm' (default for a ViT with the patch stem), 'official' (DeiT III release
+    names; the default for an hMLP stem, which timm lacks) or
     'patchconvnet' (the only one for a PatchConvNet). ``batch_stats`` (an hMLP BatchNorm
     stem's) adds the running statistics. ``to_timm(c, from_timm(sd, name)[1]) == sd``.
     """
-    if layout is None:
-        layout = "patchconvnet" if isinstance(config, PatchConvNetConfig) else "timm"
+    if layout is None:  # timm has no hMLP stem: such a ViT is written in the official layout
+        if isinstance(config, PatchConvNetConfig):
+            layout = "patchconvnet"
+        else:
+            layout = "timm" if config.stem == "patch" else "official"
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     params = nn.meta.unbox(params)
