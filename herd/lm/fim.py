@@ -442,12 +442,15 @@ def single_line_examples(
 @dataclass(frozen=True)
 class InfillResult:
     """Exact-match rate of infilled lines: ``exact`` of ``n`` examples; ``predictions``
-    (the generated lines, in example order) and ``mode``."""
+    (the generated lines, in example order), ``mode``, and ``finished``: generations that
+    ended within the token budget (with <EOT> after an infilling prompt, with a newline or
+    EOS left to right)."""
 
     mode: str
     exact: int
     n: int
     predictions: tuple[str, ...]
+    finished: int = 0
 
     @property
     def rate(self) -> float:
@@ -471,10 +474,10 @@ def infill_exact_match(
     """Greedy infilling of single-line middles, scored by exact match.
 
     ``mode`` 'psm' / 'spm': Code Llama's infilling prompt (``infilling_prompt``) and
-    generation until <EOT> (or EOS, or a newline); 'left_to_right': what a model trained
-    without FIM can do, BOS + prefix only, the continuation cut at its first newline. A
-    prediction is exact when it equals the true line up to trailing whitespace. All prompts
-    go through one batched ``herd.lm.generate.generate_tokens`` call (one compilation).
+    generation until <EOT>, the middle cut at its first newline; 'left_to_right': what a
+    model trained without FIM can do, BOS + prefix only, generation until a newline (or
+    EOS). A prediction is exact when it equals the true line up to trailing whitespace. All
+    prompts go through one batched ``herd.lm.generate.generate_tokens`` call.
     """
     from herd.lm.generate import generate_tokens
 
@@ -482,15 +485,15 @@ def infill_exact_match(
         raise ValueError(f"infill mode must be one of {INFILL_MODES}, got {mode!r}")
     if not examples:
         raise ValueError("no infilling examples")
-    stops = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", -1) >= 0 else []
-    newline = list(tokenizer.encode("\n"))
-    if len(newline) == 1:  # a line ends at its newline token (herd tokenizers: one piece)
-        stops.append(newline[0])
     if mode == "left_to_right":
+        stops = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", -1) >= 0 else []
+        newline = list(tokenizer.encode("\n"))
+        if len(newline) == 1:  # a line ends at its newline token (herd tokenizers: one piece)
+            stops.append(newline[0])
         prompts = [list(tokenizer.encode(e.prefix, bos=True)) for e in examples]
-    else:
+    else:  # <EOT> alone ends a middle, so that `finished` counts the model's <EOT>s
         t = fim_tokens if fim_tokens is not None else FimTokens.from_tokenizer(tokenizer)
-        stops.append(t.eot)
+        stops = [t.eot]
         prompts = [
             infilling_prompt(e.prefix, e.suffix, tokenizer, mode, fim_tokens=t) for e in examples
         ]
@@ -505,9 +508,80 @@ def infill_exact_match(
         pad_id=pad,
         mesh=mesh,
     )
-    predictions, exact = [], 0
+    predictions, exact, finished = [], 0, 0
     for e, ids in zip(examples, outs, strict=True):
+        finished += len(ids) < max_new_tokens
         line = decode_middle(ids, tokenizer).split("\n", 1)[0]
         predictions.append(line)
         exact += line.rstrip() == e.middle.rstrip()
-    return InfillResult(mode, exact, len(examples), tuple(predictions))
+    return InfillResult(mode, exact, len(examples), tuple(predictions), finished)
+
+
+def _line_targets(tokenizer, e: InfillExample, mode: str, t: FimTokens | None):
+    """(prompt ids, target ids): the line's tokens and the token that ends it (<EOT> after an
+    infilling prompt, the newline left to right)."""
+    middle = encode_no_leading_space(tokenizer, e.middle)
+    if mode == "left_to_right":
+        return list(tokenizer.encode(e.prefix, bos=True)), middle + list(tokenizer.encode("\n"))
+    prompt = infilling_prompt(e.prefix, e.suffix, tokenizer, mode, fim_tokens=t)
+    return prompt, middle + [t.eot]
+
+
+def infill_line_logprob(
+    model_config,
+    params,
+    tokenizer,
+    examples: Sequence[InfillExample],
+    *,
+    mode: str = "psm",
+    batch_size: int = 64,
+    fim_tokens: FimTokens | None = None,
+    with_end: bool = True,
+) -> np.ndarray:
+    """Teacher-forced log-probability (nats) of each true line and its end, one float per
+    example: after the infilling prompt the line's tokens then <EOT> (``mode`` 'psm' /
+    'spm'), left to right after BOS + prefix the line's tokens then the newline
+    (``with_end=False``: the line's tokens alone). A finer measure than exact match for
+    models too small to get whole lines right."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd.lm.generate import _unbox_params
+    from herd.lm.model import Llama
+
+    if mode not in INFILL_MODES:
+        raise ValueError(f"infill mode must be one of {INFILL_MODES}, got {mode!r}")
+    if not examples:
+        raise ValueError("no infilling examples")
+    t = None
+    if mode != "left_to_right":
+        t = fim_tokens if fim_tokens is not None else FimTokens.from_tokenizer(tokenizer)
+    pairs = [_line_targets(tokenizer, e, mode, t) for e in examples]
+    width = max(len(p) + len(q) for p, q in pairs)
+    if width > model_config.max_seq_len:
+        raise ValueError(
+            f"an example needs {width} tokens, more than the model's max_seq_len "
+            f"{model_config.max_seq_len}: use shorter prefixes / suffixes"
+        )
+    model = Llama(model_config)
+    params = _unbox_params(params)
+
+    @jax.jit
+    def logprobs(tokens, segment_ids):
+        logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    out = np.zeros(len(pairs), np.float64)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        tokens = np.zeros((batch_size, width), np.int32)
+        segments = np.zeros((batch_size, width), np.int32)
+        for r, (p, q) in enumerate(chunk):
+            tokens[r, : len(p) + len(q)] = p + q
+            segments[r, : len(p) + len(q)] = 1
+        lp = np.asarray(logprobs(tokens, segments))
+        for r, (p, q) in enumerate(chunk):
+            n = len(q) if with_end else len(q) - 1
+            out[s + r] = lp[r, len(p) - 1 : len(p) - 1 + n].sum()
+    return out

@@ -316,16 +316,18 @@ def test_infill_exact_match_prompts_and_scoring(tok, monkeypatch):
             tok.encode("    return x  "),  # trailing spaces: still exact
             tok.encode("else"),  # wrong
             tok.encode("import os") + nl + tok.encode("junk"),  # cut at the newline
-        ]
+        ][: len(prompts)]
 
     monkeypatch.setattr(gen, "generate_tokens", fake)
     cfg = type("C", (), {"vocab_size": tok.vocab_size})()
     r = fim.infill_exact_match(cfg, None, tok, ex, mode="psm", max_new_tokens=20)
-    assert (r.exact, r.n, r.rate) == (2, 3, 2 / 3)
+    assert (r.exact, r.n, r.rate, r.finished) == (2, 3, 2 / 3, 3)
     assert r.predictions == ("    return x  ", "else", "import os")
     assert seen["prompts"] == [fim.infilling_prompt(e.prefix, e.suffix, tok, "psm") for e in ex]
-    assert seen["stops"] == {t.eot, tok.eos_id, nl[0]} and seen["max_new"] == 20
-    fim.infill_exact_match(cfg, None, tok, ex, mode="left_to_right")
+    assert seen["stops"] == {t.eot} and seen["max_new"] == 20
+    r = fim.infill_exact_match(cfg, None, tok, ex, mode="left_to_right", max_new_tokens=4)
+    lengths = [len(tok.encode(x)) for x in ("    return x  ", "else", "import os\njunk")]
+    assert r.finished == sum(n < 4 for n in lengths) < 3  # a row of 4 ran out of budget
     assert seen["prompts"] == [tok.encode(e.prefix, bos=True) for e in ex]
     assert seen["stops"] == {tok.eos_id, nl[0]}  # no <EOT> without FIM
     fim.infill_exact_match(cfg, None, tok, ex, mode="spm")
@@ -334,3 +336,47 @@ def test_infill_exact_match_prompts_and_scoring(tok, monkeypatch):
         fim.infill_exact_match(cfg, None, tok, ex, mode="sideways")
     with pytest.raises(ValueError, match="no infilling examples"):
         fim.infill_exact_match(cfg, None, tok, [], mode="psm")
+
+
+def test_infill_line_logprob_matches_a_direct_forward(tok):
+    """Each example's sum of log p(target) in a padded batch equals an unpadded forward of
+    that example alone, for the line + <EOT> after a PSM prompt and the line + newline left
+    to right."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd.lm.config import LlamaConfig
+    from herd.lm.model import Llama
+
+    cfg = LlamaConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=tok.vocab_size,
+        max_seq_len=256, dtype="float32", scan_layers=True,
+    )  # fmt: skip
+    model = Llama(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    ex = fim.single_line_examples([SOURCE * 3], 5, seed=1, max_prefix_chars=60)
+    t = fim.FimTokens.from_tokenizer(tok)
+
+    @jax.jit
+    def log_probs(ids):  # right padding never changes a causal model's earlier positions
+        return jax.nn.log_softmax(model.apply({"params": params}, ids)[0], axis=-1)
+
+    for mode in ("psm", "left_to_right"):
+        got = fim.infill_line_logprob(cfg, params, tok, ex, mode=mode, batch_size=4)
+        lines = fim.infill_line_logprob(cfg, params, tok, ex, mode=mode, with_end=False)
+        for e, value, line_only in zip(ex, got, lines, strict=True):
+            if mode == "psm":
+                prompt = fim.infilling_prompt(e.prefix, e.suffix, tok, "psm")
+                target = tok.encode(e.middle) + [t.eot]
+            else:
+                prompt = tok.encode(e.prefix, bos=True)
+                target = tok.encode(e.middle) + tok.encode("\n")
+            ids = np.zeros((1, 256), np.int32)
+            ids[0, : len(prompt) + len(target)] = prompt + target
+            logp = log_probs(ids)
+            want = [float(logp[len(prompt) - 1 + k, tok_id]) for k, tok_id in enumerate(target)]
+            np.testing.assert_allclose(value, sum(want), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(line_only, sum(want[:-1]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="more than the model's max_seq_len"):
+        long = [fim.InfillExample("x = 1\n" * 200, "y", "\n")]
+        fim.infill_line_logprob(cfg, params, tok, long, mode="left_to_right")
