@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench_lm.py                       # everything (about 10-15 min on 2 cores)
+    python tools/bench_lm.py                       # everything (about 15-20 min on 2 cores)
     python tools/bench_lm.py --sections throughput --steps 8
     python tools/bench_lm.py --sections compile,memory,profile
     python tools/bench_lm.py --sections accel      # GPU/TPU: Llama-3-8B-shaped layers, bf16
