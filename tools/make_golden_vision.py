@@ -383,22 +383,28 @@ def cmd_bench(steps: int = 10, warmup: int = 3, batch: int = 16) -> None:
     x = torch.randn(batch, 3, 224, 224)
     y = torch.randint(0, 1000, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-        float(loss)
+        loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     med = float(np.median(times))
+    cpu = float(np.median(cpu_times))
+    threads = torch.get_num_threads()
+    # On a shared machine the wall time includes waiting for the CPU; the process CPU time
+    # divided by the threads is what the step would take with the cores to itself.
     print(
-        f"timm {timm.__version__} torch {torch.__version__}, threads "
-        f"{torch.get_num_threads()}: deit3_small_patch16_224 batch {batch} float32 AdamW "
-        f"step median {med:.3f} s over {steps} steps (min {min(times):.3f}, max "
-        f"{max(times):.3f}) = {batch / med:.1f} images/s"
+        f"timm {timm.__version__} torch {torch.__version__}, threads {threads}, load "
+        f"{os.getloadavg()[0]:.1f}: deit3_small_patch16_224 batch {batch} float32 AdamW step: "
+        f"wall median {med:.3f} s (min {min(times):.3f}, max {max(times):.3f}) over {steps} "
+        f"steps = {batch / med:.1f} images/s; process CPU median {cpu:.3f} s = "
+        f"{cpu / threads:.3f} s per step on {threads} free cores"
     )
 
 
