@@ -53,7 +53,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         "PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     )
     monkeypatch.setenv("XLA_FLAGS", _one_device_xla_flags())
-    monkeypatch.setenv("MPLBACKEND", "Agg")  # no display; plt.show() is then a no-op
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # ipykernel's inline backend, as in Colab
     client = nbclient.NotebookClient(
         nb,
         timeout=CELL_TIMEOUT_S,
