@@ -9,8 +9,9 @@ document whose FIM sequence would not fit in one row stays plain, so with rows o
 only the short stdlib files are transformed: about one document in ten (5 of 57 in the
 first 200 batches of seed 0; the iterator's counters fim_psm, fim_spm, fim_none say how
 many). Eval batches stay plain next-token text. tools/eval_infill.py trains it on the files
-cut into documents of at most 400 characters (herd.lm.data.split_code_document), which FIM
-then reaches nearly always, and compares its infilling with the same model trained without.
+cut into documents of at most 200 characters (herd.lm.data.split_code_document) in rows of
+128, which FIM then reaches nearly always, and compares its infilling with the same model
+trained without (tests/lm/test_fim_infill.py at CI size).
 
 ``model.max_seq_len`` 512 (twice the rows) leaves room to generate after a long infilling
 prompt; the weights do not depend on it.
