@@ -1,0 +1,162 @@
+"""PatchConvNet (herd.vision.patchconvnet): sizes against the paper, parity with the
+official code, the pooling attention map, stochastic depth, scan vs unrolled, bad input."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from herd.vision.convert import from_timm, to_timm, unstack_blocks
+from herd.vision.models import count_params, make_model, model_config
+from herd.vision.patchconvnet import PatchConvNet, PatchConvNetConfig
+
+TINY = dict(dim=64, depth=3, image_size=32, num_classes=7)
+
+# Published totals at 224, 1000 classes, in millions: PatchConvNet paper (Touvron et al.
+# 2021, arXiv:2112.13692) Table 1 / facebookresearch/deit README_patchconvnet.md model zoo.
+PUBLISHED_M = {
+    "patchconvnet_s60": 25.2,
+    "patchconvnet_s120": 47.7,
+    "patchconvnet_b60": 99.4,
+    "patchconvnet_b120": 188.6,
+}
+
+
+def _closed_form(c: PatchConvNetConfig) -> int:
+    d, r, f = c.dim, c.se_dim, c.pool_mlp_dim
+    stem = 9 * (3 * d // 8 + d // 8 * d // 4 + d // 4 * d // 2 + d // 2 * d)  # no biases
+    block = 2 * d + (d * d + d) + (9 * d + d) + (d * r + r) + (r * d + d) + (d * d + d) + d
+    pool = 2 * d + 4 * (d * d + d) + d + 2 * d + (d * f + f) + (f * d + d) + d
+    return stem + d + c.depth * block + pool + 2 * d + d * 1000 + 1000
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_M))
+def test_param_counts_match_the_paper(name):
+    config = model_config(name)
+    n = count_params(config)
+    assert n == _closed_form(config)
+    assert abs(n / 1e6 - PUBLISHED_M[name]) <= 0.05, (name, n)
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with the official code
+# ---------------------------------------------------------------------------------------
+# Expected values computed once with the official model definition (facebookresearch/deit
+# patchconvnet_models.py, PatchConvnet as S60 builds it: qkv_bias=True, LayerNorm eps 1e-6,
+# timm 1.0.31's SqueezeExcite; torch 2.14.1) at embed_dim=64, depth=3, 7 classes, 32x32
+# input, eval mode, with its state_dict filled by `_seeded` below and run on `_images(0)`
+# (NCHW there). The same run counted the official S60 / B60 at 25,231,096 / 99,388,936
+# parameters, the counts herd gets.
+OFFICIAL_LOGITS = [
+    [0.3676086962223053, 1.6715953350067139, -0.25082889199256897, 0.7431101202964783,
+     1.6836826801300049, 0.8083605766296387, -0.11590887606143951],
+    [0.3293946087360382, 1.4312931299209595, -0.014539937488734722, 0.5829833745956421,
+     1.2541247606277466, 0.8643339276313782, -0.5698527097702026],
+]  # fmt: skip
+# The class token's attention over [cls; 4 patches] in the pooling block (single head).
+OFFICIAL_POOL_ATTENTION = [
+    [[0.2234017699956894, 0.3068599998950958, 0.08503574877977371, 0.25693127512931824,
+      0.12777121365070343]],
+    [[0.2931109070777893, 0.32148507237434387, 0.03655800223350525, 0.16291210055351257,
+      0.185933917760849]],
+]  # fmt: skip
+
+
+def _seeded(entries, seed):
+    """Official-key weights: entry i draws from default_rng([seed, i]); LayerScale and norm
+    affine parameters far from their init so that misplacing one changes the logits."""
+    out = {}
+    for i, (name, shape) in enumerate(entries):
+        z = np.random.default_rng([seed, i]).standard_normal(shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("gamma_"):
+            v = 0.3 * z
+        elif name == "cls_token":
+            v = 0.5 * z
+        elif "norm" in name and leaf == "weight":
+            v = 1.0 + 0.1 * z
+        elif "norm" in name and leaf == "bias":
+            v = 0.1 * z
+        elif leaf == "weight":
+            v = z / math.sqrt(math.prod(shape[1:]))
+        else:
+            v = 0.02 * z
+        out[name] = v.astype(np.float32)
+    return out
+
+
+def _images(seed):
+    return np.random.default_rng([seed, 99]).standard_normal((2, 32, 32, 3)).astype(np.float32)
+
+
+def _official_entries(config):
+    """(name, torch shape) of the official state dict, in its order (to_timm writes it)."""
+    images = jnp.zeros((1, config.image_size, config.image_size, 3))
+    params = nn.meta.unbox(jax.jit(PatchConvNet(config).init)(jax.random.PRNGKey(0), images))
+    return [(k, v.shape) for k, v in to_timm(config, params["params"]).items()]
+
+
+def test_matches_the_official_patchconvnet():
+    config = model_config("patchconvnet_s60", **TINY)
+    sd = _seeded(_official_entries(config), 0)
+    converted, params = from_timm({"model": sd}, "S60", dim=64, depth=3, image_size=32)
+    assert converted == config
+    model = make_model(converted)
+    logits, attn = jax.jit(lambda p, x: model.apply({"params": p}, x, return_attention=True))(
+        params, _images(0)
+    )
+    np.testing.assert_allclose(logits, OFFICIAL_LOGITS, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(attn, OFFICIAL_POOL_ATTENTION, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Behaviour
+# ---------------------------------------------------------------------------------------
+
+
+def _variables(config):
+    images = jnp.zeros((2, config.image_size, config.image_size, 3))
+    return nn.meta.unbox(jax.jit(PatchConvNet(config).init)(jax.random.PRNGKey(0), images))
+
+
+def test_pooling_attention_map_and_scan_vs_unrolled():
+    config = PatchConvNetConfig(**TINY, layerscale_init=0.3)
+    params = _variables(config)["params"]
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    logits, attn = PatchConvNet(config).apply({"params": params}, images, return_attention=True)
+    assert logits.shape == (2, 7) and attn.shape == (2, 1, 1 + 4)
+    np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-6)
+    unrolled = config.replace(scan_blocks=False)
+    flat = unstack_blocks(params, config.depth)
+    logits2, attn2 = PatchConvNet(unrolled).apply({"params": flat}, images, return_attention=True)
+    np.testing.assert_allclose(logits, logits2, atol=1e-5)
+    np.testing.assert_allclose(attn, attn2, atol=1e-6)
+
+
+def test_drop_path_only_in_training():
+    config = PatchConvNetConfig(**TINY, layerscale_init=0.3, drop_path=0.5)
+    variables = _variables(config)
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    model = PatchConvNet(config)
+    apply = jax.jit(model.apply, static_argnames="train")
+    a = apply(variables, images)
+    b = apply(variables, images, rngs={"drop_path": jax.random.PRNGKey(3)})
+    np.testing.assert_array_equal(a, b)
+    t1 = apply(variables, images, train=True, rngs={"drop_path": jax.random.PRNGKey(1)})
+    t2 = apply(variables, images, train=True, rngs={"drop_path": jax.random.PRNGKey(2)})
+    assert not np.allclose(t1, a) and not np.allclose(t1, t2)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="image_size=200 is not divisible by the stem's stride 16"):
+        model_config("patchconvnet_s60", image_size=200)
+    with pytest.raises(
+        ValueError, match="unknown vision model 'patchconvnet_s30'.*patchconvnet_s60"
+    ):
+        model_config("patchconvnet_s30")
+    config = PatchConvNetConfig(**TINY)
+    with pytest.raises(ValueError, match=r"PatchConvNet expects NHWC images \[batch, 32, 32, 3\]"):
+        PatchConvNet(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
