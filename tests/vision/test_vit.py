@@ -386,3 +386,48 @@ def test_bicubic_matrix_matches_torch_interpolate():
     )
     m = bicubic_resize_matrix(14, 10)
     np.testing.assert_allclose(np.einsum("ih,jw,hwd->ijd", m, m, grid), ref_down, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_hmlp_stem_matches_torch_with_official_keys(norm):
+    """The official hMLP_stem (models_v2.py) is nn.Sequential(Conv2d(3, D/4, 4, 4), norm,
+    GELU, Conv2d(D/4, D/4, 2, 2), norm, GELU, Conv2d(D/4, D, 2, 2), norm); built here from
+    torch layers (BatchNorm2d in eval mode with non-trivial statistics, or a LayerNorm over
+    channels), its state dict converted, the tokens compared."""
+    torch = pytest.importorskip("torch")
+    from herd.vision.convert import from_timm_variables, to_timm
+
+    d = 32
+    torch.manual_seed(0)
+
+    class ChannelLN(torch.nn.LayerNorm):  # LayerNorm over channels of an NCHW map
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def make_norm(c):
+        return torch.nn.BatchNorm2d(c) if norm == "bn" else ChannelLN(c, eps=1e-6)
+
+    stem = torch.nn.Sequential(
+        torch.nn.Conv2d(3, d // 4, 4, 4), make_norm(d // 4), torch.nn.GELU(),
+        torch.nn.Conv2d(d // 4, d // 4, 2, 2), make_norm(d // 4), torch.nn.GELU(),
+        torch.nn.Conv2d(d // 4, d, 2, 2), make_norm(d),
+    )  # fmt: skip
+    with torch.no_grad():
+        for m in stem:
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    stem.eval()
+    config = ViTConfig(dim=d, depth=1, n_heads=2, image_size=32, stem=f"hmlp_{norm}")
+    sd = {f"patch_embed.proj.{k}": v.numpy() for k, v in stem.state_dict().items()}
+    full = to_timm(config, nn.meta.unbox(_init(config)["params"]))  # the rest of a model
+    full.update(sd)
+    _, variables = from_timm_variables(full, "vit_s", dim=d, depth=1, n_heads=2)
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ref = stem(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach()
+    stem_vars = {k: v["hmlp_stem"] for k, v in variables.items()}
+    ours = HMLPStem(config).apply(stem_vars, images)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
