@@ -193,32 +193,37 @@ def finetune_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
 def digits_config() -> ml_collections.ConfigDict:
     """A small ViT on scikit-learn's handwritten digits (the embedded default's base).
 
-    The digits are 8 x 8; herd.vision.data upscales them to model.image_size. Small
-    enough to train in CPU minutes; the configs built on it state their cost and result.
+    The 8 x 8 digits upscaled to 16 x 16, 4 x 4 patches (16 tokens + class token), width
+    64, 4 blocks of 4 heads (0.2M params). The DeiT III recipe (LAMB, BCE, per-epoch cosine
+    with warmup from 1e-6, drop path) scaled to 1438 images: no LayerScale (its 1e-4 init
+    keeps the blocks silent for hundreds of steps at this size), lr 1e-2, batch 32, and no
+    crop / mixup augmentation (a 4-pixel shift or a random resized crop of a 16-pixel digit
+    destroys it: a logistic regression falls from 96% to 32% under the simple crop).
     """
     c = base_config()
     c.model.name = "vit_ti"
-    c.model.image_size = 32
+    c.model.image_size = 16
     c.model.num_classes = 10
     c.model.patch_size = 4
     c.model.dim = 64
     c.model.depth = 4
     c.model.n_heads = 4
+    c.model.layerscale_init = 0.0  # none
     c.model.drop_path = 0.05
     c.data.source = "digits"
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    c.data.global_batch_size = 64
+    c.data.global_batch_size = 32
     c.data.eval_batch_size = 128
-    c.data.augment = "simple_crop"
+    c.data.augment = "none"
     c.data.repeated_aug = 1
     c.data.mixup_alpha = 0.0
     c.data.cutmix_alpha = 0.0
-    c.optim.lr = 2e-3
+    c.optim.lr = 1e-2
     c.optim.warmup_epochs = 2.0
-    c.train.epochs = 30.0
+    c.train.epochs = 20.0
     c.train.eval_every_epochs = 5.0
     c.train.checkpoint_every_epochs = 10.0
-    c.train.log_every = 10
+    c.train.log_every = 20
     c.train.attention_maps = 4
     return c

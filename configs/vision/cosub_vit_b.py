@@ -16,7 +16,7 @@ def get_config(arg=None):
     c = deit3_config("vit_b", image_size=224, epochs=90.0, lr=1e-3)
     c.model.num_classes = 21841
     c.data.path = "imagenet21k"
-    c.data.augment = "simple_crop"
+    c.data.augment = "3aug_simple_crop"
     c.data.repeated_aug = 1
     c.optim.weight_decay = 0.02
     c.loss.name = "bce"

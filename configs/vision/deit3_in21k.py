@@ -1,8 +1,9 @@
 """DeiT III pre-training on ImageNet-21k (DeiT III sec. 4.1, Table 1 "21k" column).
 
 Differences to the IN-1k recipe: CE loss, simple random crop (resize, random crop with
-reflect padding 4, flip) instead of random resized crop, lr 1e-3, wd 0.02; 90 epochs at
-224 (the paper also reports 240; verify which per size), 21841 classes. Then fine-tune on
+reflect padding 4, flip) instead of random resized crop, then 3-Augment; lr 1e-3,
+wd 0.02; 90 epochs at 224 (the paper also reports 240; verify which per size), 21841
+classes. Then fine-tune on
 IN-1k with deit3_finetune_224/384 (--config.finetune.reinit_head=true): S 83.1, B 85.7,
 L 87.0% top-1 at 224. `:vit_l` etc. picks the size (default vit_b).
 """
@@ -15,7 +16,7 @@ def get_config(arg=None):
     c = deit3_config(variant, image_size=224, epochs=90.0, lr=1e-3)
     c.model.num_classes = 21841
     c.data.path = "imagenet21k"  # the user's prepared tfds name (or a 'folder' path)
-    c.data.augment = "simple_crop"
+    c.data.augment = "3aug_simple_crop"
     c.data.repeated_aug = 1  # verify: the 21k runs of the official code
     c.optim.weight_decay = 0.02
     c.loss.name = "ce"

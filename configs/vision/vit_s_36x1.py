@@ -9,7 +9,5 @@ from configs.vision.common import deit3_config
 
 def get_config(arg=None):
     del arg
-    c = deit3_config("vit_s", image_size=224, epochs=400.0, drop_path=0.1)
-    c.model.depth = 36
-    c.model.n_parallel = 1
+    c = deit3_config("vit_s_36x1", image_size=224, epochs=400.0, drop_path=0.1, lr=4e-3)
     return c
