@@ -595,7 +595,10 @@ def attention_map_png(model, params, extra, images, path: str, labels=None) -> s
         axes[0, i].set_title(title, fontsize=9)
         axes[1, i].imshow(img.mean(-1), cmap="gray")
         axes[1, i].imshow(
-            a[i], cmap="inferno", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0),
+            a[i],
+            cmap="inferno",
+            alpha=0.6,
+            extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5),  # imshow's pixels
             interpolation="bilinear",
         )
         axes[0, i].axis("off")
