@@ -11,12 +11,11 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from herd.vision.convert import detect_layout, from_timm, from_timm_variables, to_timm
-from herd.vision.models import make_model, model_config
+from herd.vision.models import abstract_variables, make_model, model_config
 from herd.vision.vit import interpolate_pos_emb
 from tests.vision.timm_weights import golden_images, seeded_state_dict
 
@@ -168,14 +167,11 @@ def test_torch_tensors_are_accepted():
 
 
 def _random_variables(config, seed=0):
-    """Params (and BatchNorm statistics) with every value distinct from its init."""
-    images = jnp.zeros((1, config.image_size, config.image_size, 3))
-    variables = nn.meta.unbox(jax.jit(make_model(config).init)(jax.random.PRNGKey(seed), images))
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    noise = [0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    leaves = [np.asarray(x + n) for x, n in zip(leaves, noise, strict=True)]
-    return jax.tree.unflatten(tree, leaves)
+    """Random params (and BatchNorm statistics) of the model's shapes (eval_shape: no
+    compilation), every value distinct."""
+    shapes = nn.meta.unbox(abstract_variables(config))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
 
 
 def test_patchconvnet_official_layout_round_trip():

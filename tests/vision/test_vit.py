@@ -144,9 +144,10 @@ def test_hmlp_masking_before_or_after_the_stem_is_the_same(stem):
         )
         variables = {**variables, "batch_stats": stats}
     mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, (3, 4, 4))
-    before = module.apply(variables, _mask_patches(images, mask, 16))
-    tokens = module.apply(variables, images)
-    masked_token = module.apply(variables, jnp.zeros_like(images))  # a masked patch's token
+    apply = jax.jit(module.apply)
+    before = apply(variables, _mask_patches(images, mask, 16))
+    tokens = apply(variables, images)
+    masked_token = apply(variables, jnp.zeros_like(images))  # a masked patch's token
     after = jnp.where(mask[..., None], masked_token, tokens)
     assert before.shape == (3, 4, 4, 32)
     np.testing.assert_allclose(before, after, atol=1e-6, rtol=0)
@@ -162,11 +163,10 @@ def test_an_overlapping_conv_stem_is_not_patch_independent():
     images = _images(config, batch=3)
     variables = module.init(jax.random.PRNGKey(0), images)
     mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, (3, 4, 4))
-    before = module.apply(variables, _mask_patches(images, mask, 16))
+    apply = jax.jit(module.apply)
+    before = apply(variables, _mask_patches(images, mask, 16))
     after = jnp.where(
-        mask[..., None],
-        module.apply(variables, jnp.zeros_like(images)),
-        module.apply(variables, images),
+        mask[..., None], apply(variables, jnp.zeros_like(images)), apply(variables, images)
     )
     assert np.abs(before - after).max() > 1e-3
 
@@ -270,10 +270,14 @@ def test_scan_and_unrolled_blocks_give_equal_logits(n_parallel):
     config = ViTConfig(**TINY, n_parallel=n_parallel, layerscale_init=0.3)
     images = _images(config)
     params = nn.meta.unbox(_init(config)["params"])
-    logits, maps = ViT(config).apply({"params": params}, images, return_attention=True)
+
+    def run(c, p):
+        return jax.jit(lambda p: ViT(c).apply({"params": p}, images, return_attention=True))(p)
+
+    logits, maps = run(config, params)
     unrolled = config.replace(scan_blocks=False)
     flat = unstack_blocks(params, config.depth)
-    logits2, maps2 = ViT(unrolled).apply({"params": flat}, images, return_attention=True)
+    logits2, maps2 = run(unrolled, flat)
     np.testing.assert_allclose(logits, logits2, atol=1e-5)
     np.testing.assert_allclose(maps, maps2, atol=1e-6)
     t = 1 + config.num_patches
@@ -312,11 +316,12 @@ def test_pos_embed_has_a_class_token_row_only_when_asked():
         assert params["pos_embed"].shape == (rows, 32)
         # moving pos_embed's patch rows changes the logits; with cls_pos, row 0 too
         images = _images(config)
-        base = ViT(config).apply({"params": params}, images)
+        apply = jax.jit(lambda p, c=config, x=images: ViT(c).apply({"params": p}, x))
+        base = apply(params)
         # (a random vector: a constant shift of a token is invisible to LayerNorm)
         bump = jax.random.normal(jax.random.PRNGKey(9), (32,))
         bumped = dict(params, pos_embed=params["pos_embed"].at[0].add(bump))
-        changed = ViT(config).apply({"params": bumped}, images)
+        changed = apply(bumped)
         assert not np.allclose(base, changed)
 
 
