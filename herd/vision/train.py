@@ -573,9 +573,11 @@ def attention_map_png(model, params, extra, images, path: str, labels=None) -> s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logits, attn = model.apply(
-        _variables(params, extra), jnp.asarray(images), train=False, return_attention=True
-    )
+    # the vision axis rules in context: the models' logical constraints need them
+    with nn.logical_axis_rules(list(VISION_RULES)):
+        logits, attn = model.apply(
+            _variables(params, extra), jnp.asarray(images), train=False, return_attention=True
+        )
     a = np.asarray(attn, np.float32)
     if a.ndim == 5:  # [blocks, B, heads, T, T]: the last block's class-token row
         a = a[-1, :, :, 0, :]
