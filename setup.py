@@ -22,16 +22,17 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # herd.vision: PIL decodes and augments images on the host; scikit-learn ships the
+        # handwritten digits, the embedded default of python -m herd.vision.train
+        "pillow>=10",
+        "scikit-learn>=1.4",
     ],
     extras_require={
-        # scikit-learn for its handwritten digits: real data that ships with a package
-        # (the core's non-LM training test, vision's embedded default).
         # nbclient / nbformat / ipykernel: tests/test_notebooks.py runs notebooks/*.ipynb.
         "test": [
             "pytest>=8",
             "ruff>=0.6",
             "array_record>=0.5",
-            "scikit-learn>=1.4",
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",

@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
             # tokenizer with <PRE> <SUF> <MID> <EOT> (a trained one gets them).
             "fim_rate": 0.0,
             "fim_spm_rate": 0.5,
+            # > 0: cut each text record into documents of at most this many characters at
+            # top-level statements (herd.lm.data.split_code_document) before FIM, so FIM
+            # sequences fit in one row; 0 = one document per record
+            "max_doc_chars": 0,
         }
     )
     c.optim = ml_collections.ConfigDict(

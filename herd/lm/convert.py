@@ -911,11 +911,14 @@ def load_workdir(workdir, step: int | None = None):
 
 
 def _find_tokenizer(root: str) -> str | None:
-    for rel in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        fp = os.path.join(root, rel)
-        if os.path.isfile(fp):
-            return fp
-    return None
+    """The source's tokenizer file (tokenizer.model, tokenizer.json or
+    original/tokenizer.model, as herd.lm.tokenizer.find_hf_tokenizer picks), or None."""
+    from herd.lm.tokenizer import find_hf_tokenizer
+
+    try:
+        return find_hf_tokenizer(root)
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -962,7 +965,8 @@ def main(argv=None) -> int:
     flags.DEFINE_string(
         "tokenizer",
         None,
-        "Tokenizer file to keep in the workdir (default: the source's tokenizer.model).",
+        "Tokenizer file to keep in the workdir (default: the source's tokenizer.model or "
+        "tokenizer.json).",
         flag_values=fv,
     )
     flags.DEFINE_bool("verbose", False, "Show the traceback of an error.", flag_values=fv)

@@ -24,7 +24,9 @@ raised before anything is compiled.
 
 ``data.fim_rate`` > 0 turns on Code Llama's fill-in-the-middle for the training documents
 (herd.lm.data, herd.lm.fim; ``configs/lm/tiny_fim.py``); a tokenizer the run trains itself
-then gets the sentinels. Eval batches stay plain text.
+then gets the sentinels. Eval batches stay plain text. ``data.max_doc_chars`` > 0 first cuts
+each file into documents of at most that many characters at top-level statements, so that
+the FIM sequences of long files fit in a row (herd.lm.data.split_code_document).
 
 ``--config=path.py[:arg]`` picks an experiment file (configs/lm/*.py: one per published
 family and size, for pods; ``configs/lm/tiny.py`` is the seconds-long test config);
@@ -127,6 +129,11 @@ def validate_config(cfg: ml_collections.ConfigDict, model_config, mesh) -> list:
     data_lib.check_fim_rates(
         cfg.data.get("fim_rate", 0.0), cfg.data.get("fim_spm_rate", 0.5), prefix="data."
     )
+    max_doc = cfg.data.get("max_doc_chars") or 0
+    if isinstance(max_doc, bool) or not isinstance(max_doc, int) or max_doc < 0:
+        raise ValueError(
+            f"data.max_doc_chars must be an int >= 0 (0 = one document per record), got {max_doc!r}"
+        )
     chunk = cfg.train.get("vocab_chunk") or 0
     if chunk < 0:
         raise ValueError(f"train.vocab_chunk must be >= 0 (0 = whole vocabulary), got {chunk}")
@@ -631,6 +638,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
             worker_count=int(cfg.data.get("worker_count") or 0),
             fim_rate=float(cfg.data.get("fim_rate") or 0.0),
             fim_spm_rate=float(cfg.data.get("fim_spm_rate", 0.5)),
+            max_doc_chars=cfg.data.get("max_doc_chars") or 0,
             **common,
             **shape(stage),
         )
@@ -645,7 +653,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         train_iter = train_iterator(stages[0])
     n_eval = int(cfg.train.eval_batches)
     eval_iter = data_lib.make_lm_iterator(  # eval batches keep the first stage's shape
-        eval_source, tokenizer, seed=0, shuffle=False, num_epochs=1, **common, **shape(stages[0])
+        eval_source,
+        tokenizer,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        max_doc_chars=cfg.data.get("max_doc_chars") or 0,
+        **common,
+        **shape(stages[0]),
     )
     eval_batches = []
     for batch in eval_iter:

@@ -129,7 +129,7 @@ def _digits_arrays(split: str, image_size: int, held_out_fraction: float):
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise ValueError(
-            "the digits need scikit-learn (pip install scikit-learn, or herd[test])"
+            "the digits need scikit-learn (pip install scikit-learn; herd installs it)"
         ) from e
     digits = load_digits()
     labels = digits.target.astype(np.int32)

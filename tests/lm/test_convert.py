@@ -387,6 +387,20 @@ def test_cli_hf_to_workdir_and_back(tmp_path, capsys):
     assert "needs --to=WORKDIR" in capsys.readouterr().err
 
 
+def test_cli_llama3_tokenizer_json_travels(tmp_path):
+    """A Llama 3 HF directory has tokenizer.json (no tokenizer.model at the top): the
+    workdir keeps it and the HF directory written back carries it."""
+    src = _herd_dir(tmp_path, "src")
+    text = '{"model": {"type": "BPE"}}'
+    open(os.path.join(src, "tokenizer.json"), "w").write(text)
+    wd = str(tmp_path / "wd")
+    assert convert.main(["convert", f"--from_hf={src}", f"--to={wd}"]) == 0
+    assert open(os.path.join(wd, "tokenizer", "tokenizer.json")).read() == text
+    out = str(tmp_path / "out")
+    assert convert.main(["convert", f"--from_workdir={wd}", f"--to_hf={out}"]) == 0
+    assert open(os.path.join(out, "tokenizer.json")).read() == text
+
+
 def _has_transformers():
     try:
         import torch  # noqa: F401

@@ -413,3 +413,29 @@ def test_code_document_source_describes_pieces(tmp_path):
     assert [src[i] for i in range(len(src))] == dl.split_code_document(CODE, 120)
     assert src.describe(1) == f"{p} (document 1)"
     assert dl.code_documents([str(p)], 120) == dl.split_code_document(CODE, 120)
+
+
+def test_train_passes_max_doc_chars_to_both_iterators(tmp_path, monkeypatch, _cache):
+    """data.max_doc_chars reaches the train and eval pipelines; a bad value is refused first."""
+    from herd.lm import train
+
+    seen = []
+    real = dl.make_lm_iterator
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_doc_chars"])
+        return real(*args, **kwargs)
+
+    class Built(Exception):
+        pass
+
+    def stop(*a):
+        raise Built
+
+    monkeypatch.setattr(train.data_lib, "make_lm_iterator", spy)
+    monkeypatch.setattr(train, "_build", stop)
+    with pytest.raises(Built):
+        train.run(_cfg(**{"data.max_doc_chars": 300}), str(tmp_path / "w"))
+    assert seen == [300, 300]
+    with pytest.raises(ValueError, match=r"data\.max_doc_chars must be an int >= 0.*-1"):
+        train.run(_cfg(**{"data.max_doc_chars": -1}), str(tmp_path / "w2"))

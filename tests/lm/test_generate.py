@@ -82,8 +82,8 @@ def test_cached_decode_equals_full_forward(kv, scan):
 
 
 def _greedy_no_cache(cfg, params, ids, n):
-    """A no-cache greedy loop like herd.lm.train.greedy_sample: the full forward pass on a
-    fixed buffer, one token at a time."""
+    """A no-cache greedy loop (what herd.lm.train sampled with before generate.py): the full
+    forward pass on a fixed buffer, one token at a time."""
     model = Llama(cfg)
     total = len(ids) + n
     buf = np.zeros((1, total), np.int32)
