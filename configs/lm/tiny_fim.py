@@ -8,9 +8,9 @@ reordered PSM or SPM with probability 0.9, new decisions every epoch. As in Code
 document whose FIM sequence would not fit in one row stays plain, so with rows of 256 tokens
 only the short stdlib files are transformed: about one document in ten (5 of 57 in the
 first 200 batches of seed 0; the iterator's counters fim_psm, fim_spm, fim_none say how
-many); ``--config.data.max_doc_chars=200`` cuts the files into short documents first, which
-FIM then reaches nearly always. Eval batches stay plain next-token text. tools/eval_infill.py trains it on the files
-cut into documents of at most 200 characters (herd.lm.data.split_code_document) in rows of
+many; ``--config.data.max_doc_chars=200`` cuts the files into short documents first).
+Eval batches stay plain next-token text. tools/eval_infill.py trains it on the files cut
+into documents of at most 200 characters (herd.lm.data.split_code_document) in rows of
 128, which FIM then reaches nearly always, and compares its infilling with the same model
 trained without (tests/lm/test_fim_infill.py at CI size).
 
