@@ -105,6 +105,7 @@ def accumulate_gradients(
     Microbatch i gets the key `fold_in(rng, i)` (with one microbatch: `rng` itself).
     Returns (mean loss, grads, total weight, summed aux, new extra).
     """
+
     def split_aux(p, mb, key, ex):  # (loss, weight, aux) -> value_and_grad's (loss, aux) form
         loss_sum, weight, aux = loss_fn(p, mb, key, ex)
         return loss_sum, (weight, aux)

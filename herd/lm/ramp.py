@@ -83,5 +83,3 @@ def steps_for_tokens(stages: Sequence[BatchStage], tokens: float) -> int:
                 continue
         return stage.start_step + max(0, -(-(int(tokens) - seen) // stage.tokens_per_step))
     raise ValueError("no batch stages")
-
-

@@ -64,9 +64,7 @@ def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(per_class, axis=-1)
 
 
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
-) -> jax.Array:
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-image softmax cross-entropy [B] against labels [B] or soft targets [B, C].
 
     Label smoothing mixes the targets with the uniform distribution:

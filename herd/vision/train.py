@@ -299,9 +299,7 @@ def _build(model_config, optim_items, total_steps, steps_per_epoch, mesh, accum,
         "label": mesh_lib.batch_sharding(mesh, 1),
         "target": mesh_lib.batch_sharding(mesh, 2),
     }
-    loss_fn = make_loss_fn(
-        model, loss_cfg["name"], loss_cfg["label_smoothing"], loss_cfg["cosub"]
-    )
+    loss_fn = make_loss_fn(model, loss_cfg["name"], loss_cfg["label_smoothing"], loss_cfg["cosub"])
 
     def train_step_for(keys):
         return step_lib.make_train_step(
@@ -520,8 +518,10 @@ def _pretrained(cfg, model_config, mesh, say):
         extra = restore_params(ckpt_dir, src_built_abstract.extra, item="extra")
     if src_config.image_size != model_config.image_size:
         params = interpolate_pos_emb(params, src_config, model_config.image_size)
-        say(f"position embedding interpolated {src_config.image_size} -> "
-            f"{model_config.image_size} px")
+        say(
+            f"position embedding interpolated {src_config.image_size} -> "
+            f"{model_config.image_size} px"
+        )
     return params, extra
 
 
@@ -752,8 +752,13 @@ def run(
     writer = MetricsWriter(workdir, tensorboard=bool(cfg.train.get("tensorboard", True)))
     writer.write(
         int(jax.device_get(state.step)),
-        {"n_params": n_params, "trainable_params": trainable, "peak_flops": peak,
-         "flops_per_image": built.flops_per_image, "eval_images": n_eval},
+        {
+            "n_params": n_params,
+            "trainable_params": trainable,
+            "peak_flops": peak,
+            "flops_per_image": built.flops_per_image,
+            "eval_images": n_eval,
+        },
     )
     bar = ProgressBar(
         total_steps, initial=int(jax.device_get(state.step)), unit="img", enabled=show

@@ -105,9 +105,9 @@ def test_cosub_value_and_stop_gradient():
     got = losses.cosub_loss(_f32(z1), _f32(z2), _f32(y))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
-    g1, g2 = jax.grad(
-        lambda a, b: jnp.sum(losses.cosub_loss(a, b, _f32(y))), argnums=(0, 1)
-    )(_f32(z1), _f32(z2))
+    g1, g2 = jax.grad(lambda a, b: jnp.sum(losses.cosub_loss(a, b, _f32(y))), argnums=(0, 1))(
+        _f32(z1), _f32(z2)
+    )
     # Through the two target terms and its own cross term only: the other submodel's
     # prediction is a constant target, so d/dz1 = 0.25 [(s1 - y) + (s1 - s2)] / C.
     np.testing.assert_allclose(np.asarray(g1), 0.25 * ((s1 - y) + (s1 - s2)) / C, atol=1e-7)
