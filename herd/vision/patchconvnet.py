@@ -18,7 +18,8 @@ Linear and LayerNorm); linears and the class token are trunc-normal(0.02).
 
 Parameter tree (trunk blocks scanned with a leading ``layers`` axis, or ``blocks_i``)::
 
-    stem/conv_{0..3} [3, 3, C_in, C_out]  (kernels; the stem convs have no bias)
+    stem/conv_{0..3} [3, 3, C_in, C_out]  (kernels; the stem convs have no bias; axes
+        conv_height, conv_width, in_channels | stem_in_channels, stem_channels | embed)
     cls_token [D]
     blocks/norm/{scale,bias}               blocks/conv_in/kernel [L, D, D], bias [L, D]
     blocks/dwconv/kernel [L, 3, 3, D], bias   blocks/se_reduce/kernel [L, D, D/4], bias
@@ -198,7 +199,9 @@ class ConvStem(nn.Module):
         x = images.astype(dt)
         widths = (c.dim // 8, c.dim // 4, c.dim // 2, c.dim)
         for i, width in enumerate(widths):
-            in_axis = "in_channels" if i == 0 else "stem_channels"
+            # a kernel's two channel axes need distinct logical names (flax refuses a name
+            # twice in one array): a stem conv reads 'stem_in_channels', writes 'stem_channels'
+            in_axis = "in_channels" if i == 0 else "stem_in_channels"
             out_axis = "embed" if i == 3 else "stem_channels"
             axes = ("conv_height", "conv_width", in_axis, out_axis)
             shape = (3, 3, x.shape[-1], width)
@@ -286,7 +289,9 @@ class AttentionPool(nn.Module):
         init = nn.initializers.normal(c.init_std)
         u = jnp.concatenate([cls[:, None, :], x], axis=1)
         u = LayerNorm(c.norm_eps, dt, pdt, name="norm_1")(u)
-        axes = ("embed", "heads", "head_dim")
+        # 'pool_heads', not 'heads': the pooling block has one head, which the tensor axis
+        # of a mesh cannot split (the ViT's 'heads' -> 'tensor' rule would refuse it)
+        axes = ("embed", "pool_heads", "head_dim")
         q = Dense((h, hd), axes, dt, pdt, kernel_init=init, name="q")(u[:, 0])
         k = Dense((h, hd), axes, dt, pdt, kernel_init=init, name="k")(u)
         v = Dense((h, hd), axes, dt, pdt, kernel_init=init, name="v")(u)
@@ -294,7 +299,7 @@ class AttentionPool(nn.Module):
         scores = jnp.einsum("bhd,bkhd->bhk", q * scale, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores, axis=-1)
         ctx = jnp.einsum("bhk,bkhd->bhd", probs.astype(dt), v)
-        proj_axes = ("heads", "head_dim", "embed")
+        proj_axes = ("pool_heads", "head_dim", "embed")
         y = Dense((c.dim,), proj_axes, dt, pdt, n_in=2, kernel_init=init, name="proj")(ctx)
         cls = cls + layerscale(self, y, c.layerscale_init, pdt, name="layerscale_1")
         y = LayerNorm(c.norm_eps, dt, pdt, name="norm_2")(cls)

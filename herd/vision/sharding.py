@@ -6,12 +6,16 @@ axes ('data', 'fsdp', 'tensor'):
 
 - ``embed`` (model width) -> fsdp, ``mlp`` (MLP hidden width) -> tensor (core rules);
 - ``heads`` -> tensor, as in Megatron-style tensor parallelism of attention;
+  PatchConvNet's pooling block names its heads ``pool_heads`` (replicated): it has a
+  single head, which no tensor axis of size > 1 can split;
 - ``conv_hidden`` (PatchConvNet's 1x1 / depthwise conv width) -> tensor, like ``mlp``;
 - everything small or spatial is replicated: ``head_dim``, ``qkv`` (the 3 of a fused
   q/k/v projection), ``classes`` (a 10-class head must not be split 4 ways),
-  ``conv_height`` / ``conv_width`` / ``in_channels`` / ``stem_channels`` (stem kernels,
-  under 1% of the weights), ``se`` (the squeeze-excite bottleneck), ``height`` / ``width``
-  (activation grids) and ``tokens`` (position-embedding rows).
+  ``conv_height`` / ``conv_width`` / ``in_channels`` (RGB) / ``stem_in_channels`` /
+  ``stem_channels`` (a stem kernel's input and output widths: two names, since flax
+  refuses one name on two axes of an array; the stems are under 1% of the weights),
+  ``se`` (the squeeze-excite bottleneck), ``height`` / ``width`` (activation grids) and
+  ``tokens`` (position-embedding rows).
 
 Use them like the LM's: ``herd.core.mesh.init_sharded(init_fn, rng, mesh, VISION_RULES)``.
 """
@@ -25,6 +29,7 @@ __all__ = ["VISION_RULES", "VISION_AXES"]
 VISION_AXES: tuple[tuple[str, object], ...] = (
     ("heads", "tensor"),
     ("head_dim", None),
+    ("pool_heads", None),
     ("qkv", None),
     ("classes", None),
     ("conv_hidden", "tensor"),
@@ -32,6 +37,7 @@ VISION_AXES: tuple[tuple[str, object], ...] = (
     ("conv_height", None),
     ("conv_width", None),
     ("in_channels", None),
+    ("stem_in_channels", None),
     ("stem_channels", None),
     ("height", None),
     ("width", None),
