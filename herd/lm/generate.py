@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -70,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from herd.lm.config import LlamaConfig
-from herd.lm.model import Llama, init_cache
+from herd.lm.model import Llama, apply_rope, rope_cos_sin
 from herd.lm.sharding import LM_RULES
 
 __all__ = [
@@ -139,12 +140,215 @@ def _stream_to_host(sink, tokens, active):
     return np.asarray(fn(np.asarray(tokens), np.asarray(active)), dtype=bool)
 
 
+# ------------------------------------------------------------------------- decode forward
+#
+# The jitted loop does not call Llama.apply: batch-1 decode is bound by reading the weights
+# once per token, and three things made that path copy far more than the weights
+# (BENCHMARKS.md, LM decode): nn.scan over stacked layers inside the while_loop made
+# XLA:CPU copy each layer's weight slice every token; one [layers, ...] cache array was
+# sliced per layer, K transposed and the whole cache re-stacked every token; and there were
+# seven matmuls per layer. Here the weights are prepared once per params (_decode_weights:
+# one matrix per layer for q/k/v and one for gate/up, in the compute dtype), the layers
+# are unrolled over them, and each layer's cache is its own loop-state array written in
+# place with dynamic_update_slice. K is kept [.., head_dim, len] and V [.., len, head_dim]:
+# the score and value products of a query then read the cache as it lies (no transpose,
+# no copy). The math is Llama.apply's cache path (herd.lm.model): the tests hold the
+# generated tokens to the full forward pass and to HF generate.
+
+
+def _layer_trees(params, n_layers: int) -> list:
+    """Each layer's params: slices of the scanned 'layers' stack, or 'layers_{i}'."""
+    if "layers" in params:
+        return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n_layers)]
+    return [params[f"layers_{i}"] for i in range(n_layers)]
+
+
+def _decode_weights(config: LlamaConfig, params) -> dict:
+    """The matrices a decode step multiplies by, per layer, in the compute dtype:
+    ``wqkv`` [dim, (heads + 2 kv_heads) * head_dim] (q, k, v side by side), ``wo``
+    [heads * head_dim, dim], ``w13`` [dim, 2 ffn] (gate, up), ``w2`` [ffn, dim]; the norm
+    scales as they are; the embedding table, and the output head [dim, vocab] (None when
+    tied: the table is multiplied by as it lies)."""
+    c = config
+    dt = c.compute_dtype
+    d, h, kv, hd = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+    layers = []
+    for lp in _layer_trees(params, c.n_layers):
+        a, f = lp["attention"], lp["feed_forward"]
+        qkv = [a["wq"].reshape(d, h * hd), a["wk"].reshape(d, kv * hd), a["wv"].reshape(d, kv * hd)]
+        layers.append(
+            {
+                "attention_norm": lp["attention_norm"]["scale"],
+                "wqkv": jnp.concatenate([w.astype(dt) for w in qkv], axis=1),
+                "wo": a["wo"].reshape(h * hd, d).astype(dt),
+                "ffn_norm": lp["ffn_norm"]["scale"],
+                "w13": jnp.concatenate([f["w1"].astype(dt), f["w3"].astype(dt)], axis=1),
+                "w2": f["w2"].astype(dt),
+            }
+        )
+    head = None if c.tie_embeddings else params["output"]["kernel"].astype(dt)
+    return {
+        "layers": tuple(layers),
+        "embedding": params["tok_embeddings"]["embedding"],
+        "norm": params["norm"]["scale"],
+        "head": head,
+    }
+
+
+def _rms_norm(x, scale, eps: float, dtype):
+    """herd.lm.model.RMSNorm on x [N, dim] (float32 math)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(dtype)
+
+
+def _cache_lead(batch: int, kv_heads: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The leading cache dims (batch, kv_heads) and their logical names, without the
+    size-1 ones: XLA:CPU otherwise feeds the score matmul a reshaped view of the freshly
+    written cache and copies the whole cache three times a token to keep it in place
+    (seen in the optimized HLO at batch 1)."""
+    dims = [(n, name) for n, name in ((batch, "batch"), (kv_heads, "kv_heads")) if n > 1]
+    return tuple(n for n, _ in dims), tuple(name for _, name in dims)
+
+
+def _init_caches(config: LlamaConfig, batch: int, max_len: int) -> tuple:
+    """Empty per-layer caches ((k, v), ...): k [*lead, head_dim, max_len], v [*lead,
+    max_len, head_dim] (lead = batch, kv_heads; see _cache_lead), in the compute dtype."""
+    c = config
+    lead, names = _cache_lead(batch, c.n_kv_heads)
+    k = jnp.zeros(lead + (c.head_dim, max_len), c.compute_dtype)
+    v = jnp.zeros(lead + (max_len, c.head_dim), c.compute_dtype)
+    k = nn.with_logical_constraint(k, names + ("head_dim", "length"))
+    v = nn.with_logical_constraint(v, names + ("length", "head_dim"))
+    return tuple((k, v) for _ in range(c.n_layers))
+
+
+def _attend(q, k_cache, v_cache, allowed, b: int, t: int, kv: int):
+    """Grouped-query attention of q [B, T, H, D] over one layer's cache (k [*lead, D, S],
+    v [*lead, S, D]), where allowed [B, T, S]: what jax.nn.dot_product_attention
+    (implementation='xla') computes for herd.lm.attention.decode_attention, as two batched
+    matmuls over (batch, kv head) with the query heads of a group stacked on the rows.
+    Returns [B * T, H * D]."""
+    h, d = q.shape[2], q.shape[3]
+    g, s = h // kv, k_cache.shape[-1]
+    lead = k_cache.shape[:-2]
+    nb = len(lead)
+    # [B, T, KV, G, D] -> [B, KV, G, T, D] -> [*lead, G * T, D]: free when T == 1
+    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(lead + (g * t, d))
+    stat = jnp.promote_types(q.dtype, jnp.float32)
+    batch_dims = (tuple(range(nb)), tuple(range(nb)))
+    scores = jax.lax.dot_general(
+        qg, k_cache, (((nb + 1,), (nb,)), batch_dims), preferred_element_type=stat
+    )
+    scores = scores * jnp.asarray(1.0 / math.sqrt(d), stat)
+    scores = scores.reshape(b, kv, g, t, s)
+    # jax.nn.dot_product_attention's masked value and float32 softmax
+    neg = jnp.asarray(-0.7 * float(jnp.finfo(stat).max), stat)
+    scores = jnp.where(allowed[:, None, None], scores, neg)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v_cache.dtype)
+    out = jax.lax.dot_general(
+        probs.reshape(lead + (g * t, s)), v_cache, (((nb + 1,), (nb,)), batch_dims)
+    )
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b * t, h * d)
+
+
+def _forward_cached(config: LlamaConfig, w, tokens, positions, caches, k_positions, index):
+    """Logits [B, T, vocab] (float32) of tokens [B, T] at positions [B, T] (negative:
+    padding), whose keys/values are written into cache slots [index, index + T), and the
+    updated caches. k_positions [B, S]: the position held by each slot after the write
+    (negative: empty or padding, never attended)."""
+    c = config
+    dt = c.compute_dtype
+    b, t = tokens.shape
+    h, kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    lead, names = _cache_lead(b, kv)
+    x = jnp.take(w["embedding"], tokens.reshape(b * t), axis=0).astype(dt)
+    cos, sin = rope_cos_sin(jnp.maximum(positions, 0), hd, c.rope_theta, c.rope_scaling)
+    qp, kp = positions[:, :, None], k_positions[:, None, :]
+    # A query sees the valid keys at positions <= its own; padding queries see every slot
+    # (no softmax row is empty) and are zeroed after attention.
+    allowed = ((kp >= 0) & (kp <= qp)) | (qp < 0)
+    valid = (positions >= 0).reshape(b * t, 1).astype(dt)
+    new = []
+    for lw, (ck, cv) in zip(w["layers"], caches, strict=True):
+        y = _rms_norm(x, lw["attention_norm"], c.norm_eps, dt)
+        q, k, v = jnp.split(y @ lw["wqkv"], [h * hd, (h + kv) * hd], axis=1)
+        q = apply_rope(q.reshape(b, t, h, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, kv, hd), cos, sin)
+        k = k.transpose(0, 2, 3, 1).reshape(lead + (hd, t)).astype(ck.dtype)
+        v = v.reshape(b, t, kv, hd).transpose(0, 2, 1, 3).reshape(lead + (t, hd))
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k, index, ck.ndim - 1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, cv.ndim - 2)
+        ck = nn.with_logical_constraint(ck, names + ("head_dim", "length"))
+        cv = nn.with_logical_constraint(cv, names + ("length", "head_dim"))
+        new.append((ck, cv))
+        out = _attend(q, ck, cv, allowed, b, t, kv) * valid
+        x = x + out @ lw["wo"]
+        y = _rms_norm(x, lw["ffn_norm"], c.norm_eps, dt)
+        gate, up = jnp.split(y @ lw["w13"], 2, axis=1)
+        x = x + (nn.silu(gate) * up) @ lw["w2"]
+    x = _rms_norm(x, w["norm"], c.norm_eps, dt)
+    if w["head"] is None:  # tied: the [vocab, dim] table as it lies
+        table = w["embedding"].astype(dt)
+        logits = jax.lax.dot_general(
+            x, table, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+    else:
+        logits = jnp.dot(x, w["head"], preferred_element_type=jnp.float32)
+    return logits.reshape(b, t, -1), tuple(new)
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare_fn(config: LlamaConfig):
+    return jax.jit(functools.partial(_decode_weights, config))
+
+
+# The decode weights of the last params prepared (their leaves held by weak reference):
+# generating again with the same params (a chat, a CLI session, a benchmark) skips the
+# preparation, at the cost of one copy of the weights kept while those params live.
+_PREPARED: list = []
+
+
+def _decode_weights_for(config: LlamaConfig, params, mesh):
+    """_decode_weights of params (placed on `mesh` first when given), reused while the
+    same immutable jax.Array leaves come again with the same config and mesh."""
+    leaves = jax.tree.leaves(params)
+    cacheable = all(isinstance(x, jax.Array) for x in leaves)
+    if cacheable and _PREPARED:
+        cfg, m, refs, weights, _ = _PREPARED[0]
+        if (
+            cfg == config
+            and m == mesh
+            and len(refs) == len(leaves)
+            and all(r() is x for r, x in zip(refs, leaves, strict=True))
+        ):
+            return weights
+    _PREPARED.clear()  # the previous weights go before new ones are made
+    if mesh is None:
+        weights = _prepare_fn(config)(params)
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(list(LM_RULES)):
+            weights = _prepare_fn(config)(_place_params(config, params, mesh))
+    if cacheable and leaves:
+        import weakref
+
+        key = object()
+        _PREPARED.append((config, mesh, [weakref.ref(x) for x in leaves], weights, key))
+        weakref.finalize(leaves[0], _forget_prepared, key)  # the params go, and their weights
+    return weights
+
+
+def _forget_prepared(key) -> None:
+    _PREPARED[:] = [e for e in _PREPARED if e[-1] is not key]
+
+
 @functools.lru_cache(maxsize=16)
 def _generate_fn(
     config: LlamaConfig, max_new: int, sampling: tuple, stops: tuple, pad: int, stream: bool
 ):
-    """The jitted prefill + while-loop decode for one model and one set of settings."""
-    model = Llama(config)
+    """The jitted prefill + while-loop decode for one model and one set of settings; it
+    takes the weights of _decode_weights."""
+    c = config
     temperature, top_k, top_p, penalty = sampling
     stop_arr = np.asarray(stops if stops else [-1], np.int32)
 
@@ -177,14 +381,16 @@ def _generate_fn(
         return done, ends
 
     @jax.jit
-    def run(params, tokens, positions, lengths, rng, sink):
+    def run(weights, tokens, positions, lengths, rng, sink):
         b, p = tokens.shape
-        variables = {"params": params}
-        cache = init_cache(config, b, p + max_new)
-        logits, cache = model.apply(
-            variables, tokens, positions=positions, cache=cache, cache_index=0
+        caches = _init_caches(c, b, p + max_new)
+        # slot i holds the token at positions[:, i] (prompt) or lengths + i - p (decode)
+        k_positions = jnp.full((b, p + max_new), -1, jnp.int32)
+        k_positions = jax.lax.dynamic_update_slice_in_dim(
+            k_positions, jnp.where(positions < 0, -1, positions), 0, 1
         )
-        seen = jnp.zeros((b, config.vocab_size), bool)
+        logits, caches = _forward_cached(c, weights, tokens, positions, caches, k_positions, 0)
+        seen = jnp.zeros((b, c.vocab_size), bool)
         if penalty != 1.0:
             seen = _mark(seen, tokens, positions >= 0)
         rng, sub = jax.random.split(rng)
@@ -196,17 +402,16 @@ def _generate_fn(
             seen = _mark(seen, tok[:, None], jnp.ones((b, 1), bool))
 
         def cond(state):
-            i, _, _, _, done, _, _, _ = state
+            i, _, _, _, _, done, _, _, _ = state
             return (i < max_new) & ~jnp.all(done)
 
         def body(state):
-            i, out, cache, tok, done, ends, seen, rng = state
-            logits, cache = model.apply(
-                variables,
-                tok[:, None],
-                positions=(lengths + i - 1)[:, None],
-                cache=cache,
-                cache_index=p + i - 1,
+            i, out, caches, k_positions, tok, done, ends, seen, rng = state
+            pos = (lengths + i - 1)[:, None]
+            index = p + i - 1
+            k_positions = jax.lax.dynamic_update_slice_in_dim(k_positions, pos, index, 1)
+            logits, caches = _forward_cached(
+                c, weights, tok[:, None], pos, caches, k_positions, index
             )
             rng, sub = jax.random.split(rng)
             new = jnp.where(done, pad, sample(logits[:, 0], seen, sub))
@@ -214,11 +419,11 @@ def _generate_fn(
             if penalty != 1.0:
                 seen = _mark(seen, new[:, None], ~done[:, None])
             done, ends = step_end(i, new, done, ends, sink)
-            return i + 1, out, cache, new, done, ends, seen, rng
+            return i + 1, out, caches, k_positions, new, done, ends, seen, rng
 
-        state = (jnp.asarray(1, jnp.int32), out, cache, tok, done, ends, seen, rng)
-        _, out, _, _, _, ends, _, _ = jax.lax.while_loop(cond, body, state)
-        return out, ends
+        state = (jnp.asarray(1, jnp.int32), out, caches, k_positions, tok, done, ends, seen, rng)
+        state = jax.lax.while_loop(cond, body, state)
+        return state[1], state[6]
 
     return run
 
@@ -310,7 +515,7 @@ def generate_tokens(
     stream = on_tokens is not None
     fn = _generate_fn(c, int(max_new_tokens), sampling, stops, int(pad_id), stream)
     rng = jax.random.PRNGKey(int(seed))
-    params = _unbox_params(params)
+    weights = _decode_weights_for(c, _unbox_params(params), mesh)
     sink = 0
     raised: list[BaseException] = []
     if stream:
@@ -332,17 +537,16 @@ def generate_tokens(
         _SINKS[sink] = host
     try:
         if mesh is None:
-            out, ends = fn(params, tokens, positions, lengths, rng, np.int32(sink))
+            out, ends = fn(weights, tokens, positions, lengths, rng, np.int32(sink))
         else:
             from herd.core import mesh as mesh_lib
 
-            params = _place_params(c, params, mesh)
             with jax.set_mesh(mesh), nn.logical_axis_rules(list(LM_RULES)):
                 batch = mesh_lib.batch_sharding(mesh, 2)
                 tokens_d = jax.device_put(tokens, batch)
                 positions_d = jax.device_put(positions, batch)
                 lengths_d = jax.device_put(lengths, mesh_lib.batch_sharding(mesh, 1))
-                out, ends = fn(params, tokens_d, positions_d, lengths_d, rng, np.int32(sink))
+                out, ends = fn(weights, tokens_d, positions_d, lengths_d, rng, np.int32(sink))
         out, ends = jax.device_get((out, ends))
     finally:
         _SINKS.pop(sink, None)
