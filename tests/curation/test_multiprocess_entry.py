@@ -65,8 +65,10 @@ def _launch(workdir, n_processes=2, timeout=300):
 
 
 def _ours(stdout):
-    """stdout without the lines gloo itself prints when it connects the processes."""
-    return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+    """stdout without what gloo itself prints when it connects the processes: its threads
+    write "[Gloo] Rank ..." messages that can run together on one line and leave empty
+    lines behind."""
+    return [line for line in stdout.splitlines() if line.strip() and "[Gloo]" not in line]
 
 
 def _files(directory):
