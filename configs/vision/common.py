@@ -9,6 +9,11 @@ presets of herd.vision.models (`model.name`); a config only overrides what it ch
 Learning rates are absolute (the DeiT III runs use `--unscale-lr`: lr 4e-3 / 3e-3 at
 batch 2048, no linear scaling). An epoch is the dataset's size in images; with repeated
 augmentation x3 it holds a third of the images, three augmented copies each.
+
+Per-size values not in the paper's Table 1 come from the official training commands of
+facebookresearch/deit README_revenge.md ("Training command": IN-1k pre-training, the
+IN-1k fine-tuning at 224 / 384, IN-21k pre-training and its IN-1k fine-tuning); their
+global batch is the per-GPU --batch times GPUs times nodes.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ DEIT3_DROP_PATH = {"vit_s": 0.05, "vit_b": 0.2, "vit_l": 0.45, "vit_h": 0.6}
 DEIT3_RESOLUTION = {"vit_s": 224, "vit_b": 192, "vit_l": 192, "vit_h": 154}
 # LAMB peak lr at batch 2048: S 4e-3, B / L / H 3e-3.
 DEIT3_LR = {"vit_s": 4e-3, "vit_b": 3e-3, "vit_l": 3e-3, "vit_h": 3e-3}
+# Fine-tuning on IN-1k (README_revenge.md commands: B 0.2, L 0.45, H 0.55 at 224; S 0.0 at
+# 384, the only ViT-S fine-tuning command).
+DEIT3_FT_DROP_PATH = {"vit_s": 0.0, "vit_b": 0.2, "vit_l": 0.45, "vit_h": 0.55}
+# ImageNet-21k pre-training (README_revenge.md commands): drop path, epochs, resolution. ViT-H
+# trains at 128 with patch 14, a 9 x 9 grid: 126 here (see DEIT3_RESOLUTION).
+DEIT3_21K_DROP_PATH = {"vit_s": 0.05, "vit_b": 0.1, "vit_l": 0.3, "vit_h": 0.5}
+DEIT3_21K_EPOCHS = {"vit_s": 240.0, "vit_b": 240.0, "vit_l": 240.0, "vit_h": 90.0}
+DEIT3_21K_RESOLUTION = {"vit_h": 126}
+# Their fine-tuning on IN-1k at 224 (50 epochs, LAMB lr 3e-4): drop path per size.
+DEIT3_21K_FT_DROP_PATH = {"vit_s": 0.05, "vit_b": 0.15, "vit_l": 0.4, "vit_h": 0.45}
+IN21K_CLASSES = 21841  # the full ImageNet-21k (fall 2011 release)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -170,13 +186,15 @@ def deit3_config(
 
 
 def finetune_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
-    """DeiT III's fine-tuning stage (Table 1, "FT" column; sec. 4.2): 20 epochs at the
-    new resolution, AdamW lr 1e-5, wd 0.1, CE with label smoothing 0.1, RandAugment,
-    mixup 0.8 / cutmix 1.0, no repeated augmentation, stochastic depth kept on at the
-    pre-training rate. Batch 512 and 5 warmup epochs (verify against the official
-    fine-tuning commands). Set --config.finetune.init_from to the pre-training workdir.
+    """DeiT III's fine-tuning stage on IN-1k (Table 1, "FT" column; sec. 4.2): 20 epochs at
+    the new resolution, AdamW lr 1e-5 (5 warmup epochs from 1e-6), wd 0.1, CE with label
+    smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8 / cutmix 1.0, no repeated
+    augmentation, batch 512, stochastic depth DEIT3_FT_DROP_PATH (the official commands).
+    Set --config.finetune.init_from to the pre-training workdir.
     """
-    c = deit3_config(variant, image_size=image_size, epochs=20.0)
+    c = deit3_config(
+        variant, image_size=image_size, epochs=20.0, drop_path=DEIT3_FT_DROP_PATH.get(variant)
+    )
     c.optim.optimizer = "adamw"
     c.optim.lr = 1e-5
     c.optim.weight_decay = 0.1
@@ -187,6 +205,49 @@ def finetune_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
     c.data.augment = "randaug"
     c.data.repeated_aug = 1
     c.data.global_batch_size = 512
+    return c
+
+
+def in21k_config(variant: str) -> ml_collections.ConfigDict:
+    """DeiT III pre-training on ImageNet-21k (sec. 4.1; README_revenge.md "Training on
+    ImageNet-21k"): batch 2048, LAMB lr 1e-3 (5 warmup epochs from 1e-6), wd 0.02; CE with
+    label smoothing 0.1; 3-Augment after a simple random crop (resize, random crop with
+    reflect padding 4, flip) instead of the random resized crop; cutmix 1.0 and no mixup;
+    no repeated augmentation; 240 epochs at 224 (ViT-H: 90 at 128 -> 126);
+    stochastic depth S 0.05, B 0.1, L 0.3, H 0.5.
+    """
+    c = deit3_config(
+        variant,
+        image_size=DEIT3_21K_RESOLUTION.get(variant, 224),
+        epochs=DEIT3_21K_EPOCHS.get(variant, 240.0),
+        drop_path=DEIT3_21K_DROP_PATH.get(variant),
+        lr=1e-3,
+    )
+    c.model.num_classes = IN21K_CLASSES
+    c.data.path = "imagenet21k"  # the user's prepared tfds name (or a 'folder' path)
+    c.data.augment = "3aug_simple_crop"
+    c.data.repeated_aug = 1
+    c.data.mixup_alpha = 0.0
+    c.data.cutmix_alpha = 1.0
+    c.optim.weight_decay = 0.02
+    c.loss.name = "ce"
+    c.loss.label_smoothing = 0.1
+    return c
+
+
+def in21k_finetune_config(variant: str) -> ml_collections.ConfigDict:
+    """The IN-1k fine-tuning of an IN-21k pre-training (README_revenge.md "finetuning on
+    ImageNet-1k"): the 21k recipe (in21k_config) on IN-1k at 224 for 50 epochs with LAMB
+    lr 3e-4, stochastic depth S 0.05, B 0.15, L 0.4, H 0.45, and a new 1000-class head.
+    """
+    c = in21k_config(variant)
+    c.model.image_size = 224
+    c.model.num_classes = 1000
+    c.model.drop_path = DEIT3_21K_FT_DROP_PATH.get(variant, 0.1)
+    c.data.path = "imagenet2012"
+    c.optim.lr = 3e-4
+    c.train.epochs = 50.0
+    c.finetune.reinit_head = True
     return c
 
 

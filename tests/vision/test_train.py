@@ -2,6 +2,7 @@
 resolution, sharded == one device, resume == uninterrupted, bad input, and the digits
 default's held-out accuracy. Tiny models (configs/vision/tiny.py) unless stated."""
 
+import glob
 import json
 import os
 import subprocess
@@ -227,6 +228,44 @@ def test_patchconvnet_trains_on_the_mesh(tmp_path):
     assert tuple(hidden) == (None, "fsdp", "tensor"), hidden
     assert 0.0 <= s["top1"] <= s["top5"] <= 1.0
     assert os.path.getsize(s["attention_png"]) > 1000
+
+
+# ---------------------------------------------------------------------- recipes
+
+VISION_CONFIGS = sorted(
+    os.path.basename(p)
+    for p in glob.glob(os.path.join(REPO, "configs", "vision", "*.py"))
+    if "def get_config" in open(p).read()
+)
+
+
+@pytest.mark.parametrize("name", VISION_CONFIGS)
+def test_every_vision_config_builds_and_validates(name):
+    """Each configs/vision/*.py gives a valid model config and passes the trainer's checks
+    (on one device) with a known augment recipe: no compile, no data."""
+    from herd.core.mesh import make_mesh
+    from herd.vision.augment import AUGMENTS
+
+    cfg = _cfg(config=f"vision/{name}")
+    config = vision_train.build_model_config(cfg.model)
+    assert config.image_size % config.patch_size == 0
+    vision_train.validate_config(cfg, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    assert cfg.data.augment in AUGMENTS
+
+
+def test_in21k_recipes_follow_the_official_commands():
+    """DeiT III IN-21k pre-training (README_revenge.md): CE with smoothing 0.1, cutmix only,
+    simple random crop + 3-Augment, lr 1e-3, wd 0.02, 240 epochs, per-size drop path."""
+    for size, drop_path in (("vit_s", 0.05), ("vit_b", 0.1), ("vit_l", 0.3)):
+        c = _cfg(config=f"vision/deit3_in21k.py:{size}")
+        assert (c.loss.name, c.loss.label_smoothing) == ("ce", 0.1)
+        assert (c.data.mixup_alpha, c.data.cutmix_alpha) == (0.0, 1.0)
+        assert (c.data.augment, c.data.repeated_aug) == ("3aug_simple_crop", 1)
+        assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay) == ("lamb", 1e-3, 0.02)
+        assert (c.train.epochs, c.model.drop_path, c.model.image_size) == (240.0, drop_path, 224)
+    ft = _cfg(config="vision/deit3_in21k_finetune.py:vit_b")
+    assert (ft.optim.lr, ft.train.epochs, ft.model.drop_path) == (3e-4, 50.0, 0.15)
+    assert ft.model.num_classes == 1000 and ft.finetune.reinit_head
 
 
 # ------------------------------------------------------------------------ entry
