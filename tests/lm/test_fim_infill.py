@@ -22,8 +22,8 @@ import os
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 240  # per model; a run takes ~30-60 s of training on 2 cores
-N_EXAMPLES = 200
+STEPS = 120  # per model; a run takes ~15-30 s of training on 2 cores
+N_EXAMPLES = 100
 
 
 def _tool():
