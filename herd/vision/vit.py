@@ -437,7 +437,7 @@ class HMLPStem(nn.Module):
         x = images.astype(dt)
         widths = (c.dim // 4, c.dim // 4, c.dim)
         for i, (k, width) in enumerate(zip((4, 2, 2), widths, strict=True)):
-            in_axis = "in_channels" if i == 0 else "stem_channels"
+            in_axis = "in_channels" if i == 0 else "stem_in_channels"
             out_axis = "embed" if i == 2 else "stem_channels"
             axes = ("conv_height", "conv_width", in_axis, out_axis)
             x = PatchConv(k, width, axes, dt, pdt, name=f"conv_{i}")(x)

@@ -88,6 +88,9 @@ def test_every_param_has_logical_axis_names_the_rules_know():
             assert isinstance(leaf, nn.LogicallyPartitioned), leaf
             assert len(leaf.names) == len(leaf.value.shape)
             assert set(leaf.names) <= known, leaf.names
+            # flax refuses to shard a param that names one logical axis twice
+            named = [n for n in leaf.names if n is not None]
+            assert len(named) == len(set(named)), leaf.names
 
 
 # ---------------------------------------------------------------------------------------
