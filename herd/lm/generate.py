@@ -547,6 +547,11 @@ def generate_tokens(
                 positions_d = jax.device_put(positions, batch)
                 lengths_d = jax.device_put(lengths, mesh_lib.batch_sharding(mesh, 1))
                 out, ends = fn(weights, tokens_d, positions_d, lengths_d, rng, np.int32(sink))
+        if not (out.is_fully_addressable and ends.is_fully_addressable):
+            # several processes: each holds its own rows; every process returns all of them
+            from jax.experimental import multihost_utils
+
+            out, ends = multihost_utils.process_allgather((out, ends), tiled=True)
         out, ends = jax.device_get((out, ends))
     finally:
         _SINKS.pop(sink, None)
