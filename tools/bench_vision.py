@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -250,6 +251,19 @@ class TimmWorker:
             out[s["name"]] = {"best": min(ts), "median": median(ts)}
         return out
 
+    def profile(self, req):
+        from torch.profiler import ProfilerActivity, profile
+
+        step = self.steps[req["key"]]
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        top = [[e.key, e.self_cpu_time_total / 1e6] for e in rows[: req["top"]]]
+        return {"step_s": wall, "top_ops": top}
+
     def peak(self, req):
         t = self.torch
         n = req["n"]
@@ -273,6 +287,7 @@ def worker_main():
         "steps": w.steps_block,
         "gemm": w.gemm,
         "peak": w.peak,
+        "profile": w.profile,
     }
     for line in sys.stdin:
         req = json.loads(line)
@@ -492,6 +507,10 @@ def xla_flops_per_image(model_config) -> float:
     return 3.0 * float((cost or {}).get("flops", 0.0))
 
 
+def vit_overrides(args) -> dict:
+    return {"remat_policy": args.remat} if args.remat else {}
+
+
 def _base_config():
     sys.path.insert(0, ROOT)
     from configs.vision.common import base_config
@@ -520,7 +539,7 @@ def section_vit(args, peer, res):
     herd = {}
     for opt in args.optimizers:
         t0 = time.perf_counter()
-        herd[opt] = HerdStep("vit_s", opt, DROP_PATH_VIT)
+        herd[opt] = HerdStep("vit_s", opt, DROP_PATH_VIT, **vit_overrides(args))
         log(
             f"herd vit_s/{opt}: {herd[opt].params / 1e6:.2f}M params, lower+compile "
             f"{herd[opt].compile_s:.1f}s (build {time.perf_counter() - t0:.1f}s)"
@@ -659,57 +678,91 @@ def section_patchconvnet(args, res):
     }
 
 
-def profile_herd(args, res):
-    """Where herd's ViT-S step goes: forward + loss, forward + backward and the whole step
-    (alternating, medians), the same step with the blocks unrolled (scan_blocks=False), and
-    the optimized HLO's op census (copies and transposes are what a layout problem adds)."""
+# (pattern on the thunk's op_name, pattern on its thunk name) -> what it is; first match wins
+THUNK_KINDS = (
+    (r"/(qkv|proj|fc1|fc2)/dot_general", "", "linear GEMMs (qkv, proj, fc1, fc2)"),
+    (r"bqhd|bhqk", "", "attention products (scores, context)"),
+    ("", r"ynn_fusion|^dot|convolution|custom-call", "other dots"),
+    ("", r"broadcast", "broadcast (zero-fill of the scan's stacked buffers)"),
+    ("", r"dynamic-update-slice", "scan: write a layer's slice into a stacked buffer"),
+    ("", r"dynamic-slice", "scan: read a layer's slice of a stacked buffer"),
+    ("", r"transpose|copy", "transposes and copies"),
+    ("", r".", "element-wise and reduction fusions"),
+)
+
+
+def thunk_kind(name: str, op_name: str) -> str:
+    for op_pat, name_pat, kind in THUNK_KINDS:
+        if op_pat and re.search(op_pat, op_name):
+            return kind
+        if name_pat and re.search(name_pat, name):
+            return kind
+    return "other"
+
+
+def profile_herd(args, res, peer=None):
+    """Where herd's ViT-S step goes: jax.profiler traces `--profile-steps` steps; the time of
+    each XLA:CPU thunk (one optimized-HLO instruction or fusion, as the executor's threads
+    record it) is summed per step, by kind and for the largest thunks with the model code
+    they come from (the HLO's op_name). With the peer, timm's step under torch.profiler too
+    (self CPU time per aten op)."""
     import collections
-    import re
+    import tempfile
 
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from herd.vision import losses as losses_lib
-    from herd.vision.sharding import VISION_RULES
-
-    opt = args.optimizers[0]
-    h = HerdStep("vit_s", opt, DROP_PATH_VIT)
-    unrolled = HerdStep("vit_s", opt, DROP_PATH_VIT, scan_blocks=False)
+    h = HerdStep("vit_s", args.optimizers[0], DROP_PATH_VIT, **vit_overrides(args))
     hlo = h.compiled.as_text()
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(hlo)
-    ops = collections.Counter(re.findall(r"=\s*[a-z0-9\[\]{}:,\s]*?\s([a-z][a-z0-9-]*)\(", hlo))
-    model, images, targets = h.built.model, h.batch["image"], h.batch["target"]
-    params = jax.tree.map(jnp.copy, h.state.params)
-    key = jax.random.wrap_key_data(jax.random.key_data(jax.random.key(1)))
-
-    def loss(p):
-        logits = model.apply({"params": p}, images, train=True, rngs={"drop_path": key})
-        return jnp.sum(losses_lib.classification_loss(logits, targets, "bce"))
-
-    with jax.set_mesh(h.mesh), nn.logical_axis_rules(list(VISION_RULES)):
-        fwd = jax.jit(loss).lower(params).compile()
-        grad = jax.jit(jax.grad(loss)).lower(params).compile()
-    parts = {
-        "forward + loss": lambda: jax.block_until_ready(fwd(params)),
-        "forward + backward": lambda: jax.block_until_ready(grad(params)),
-        "whole train step": h,
-        "whole train step, blocks unrolled": unrolled,
+    op_name = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo))
+    h()
+    h()
+    walls = []
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(args.profile_steps):
+                t0 = time.perf_counter()
+                h()
+                walls.append(time.perf_counter() - t0)
+        path = next(
+            os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")
+        )
+        data = jax.profiler.ProfileData.from_file(path)
+        per_thunk = collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLAEigen"):
+                    continue
+                for ev in line.events:
+                    if "::" not in ev.name:  # skip the executor's own spans
+                        per_thunk[ev.name] += ev.duration_ns / 1e9 / args.profile_steps
+    kinds = collections.Counter()
+    for name, sec in per_thunk.items():
+        kinds[thunk_kind(name, op_name.get(name, ""))] += sec
+    top = [
+        {"thunk": n, "s_per_step": s, "op_name": op_name.get(n, "")}
+        for n, s in per_thunk.most_common(args.profile_top)
+    ]
+    out = {
+        "step_s": walls,
+        "thunk_s_per_step": sum(per_thunk.values()),
+        "by_kind_s_per_step": dict(kinds.most_common()),
+        "top_thunks": top,
     }
-    times = {k: [] for k in parts}
-    for i in range(args.profile_rounds + 1):
-        for k, f in parts.items():
-            t0 = time.perf_counter()
-            f()
-            if i:
-                times[k].append(time.perf_counter() - t0)
-    res["profile"] = {
-        "parts_s": {k: median(v) for k, v in times.items()},
-        "hlo_op_counts": dict(ops.most_common(20)),
-    }
-    log("profile:", json.dumps(res["profile"], indent=1))
+    log(f"herd profile: steps {[round(w, 2) for w in walls]} s, thunks {sum(kinds.values()):.2f}")
+    for k, sec in kinds.most_common():
+        log(f"  {sec:7.3f} s/step  {k}")
+    for t in top:
+        log(f"  {t['s_per_step']:7.3f} s/step  {t['thunk']:45s} {t['op_name'][-90:]}")
+    if peer is not None:
+        peer.call("init", key=args.optimizers[0], opt=args.optimizers[0], drop_path=DROP_PATH_VIT)
+        out["timm"] = peer.call("profile", key=args.optimizers[0], top=args.profile_top)
+        log(f"timm profile: step {out['timm']['step_s']:.2f} s")
+        for name, sec in out["timm"]["top_ops"]:
+            log(f"  {sec:7.3f} s self CPU  {name}")
+    res["profile"] = out
 
 
 # ================================================================================== main
@@ -759,6 +812,9 @@ def main(argv=None):
     p.add_argument("--gemm-reps", type=int, default=5, help="timings of each GEMM per round")
     p.add_argument("--optimizers", default="adamw", help="comma list of adamw, lamb")
     p.add_argument("--no-peer", action="store_true", help="herd only (no timm worker)")
+    p.add_argument(
+        "--remat", default="", help="herd ViT remat_policy override (default: the model's own)"
+    )
     p.add_argument("--no-patchconvnet", action="store_true")
     p.add_argument("--pcn-rounds", type=int, default=1, help="PatchConvNet blocks of steps")
     p.add_argument(
@@ -769,7 +825,8 @@ def main(argv=None):
     )
     p.add_argument("--profile", action="store_true", help="also profile herd's ViT step")
     p.add_argument("--profile-only", action="store_true")
-    p.add_argument("--profile-rounds", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=2, help="steps traced (profile)")
+    p.add_argument("--profile-top", type=int, default=15, help="largest ops listed (profile)")
     p.add_argument("--hlo-out", default="", help="profile: write the step's optimized HLO here")
     p.add_argument("--timm-python", default=TIMM_PYTHON)
     p.add_argument("--json", default=None, help="write all results here")
@@ -780,12 +837,12 @@ def main(argv=None):
     bad = [o for o in args.optimizers if o not in ("adamw", "lamb")]
     if bad or not args.optimizers:
         raise ValueError(f"--optimizers {bad or args.optimizers}: valid are adamw, lamb")
-    for name in ("rounds", "block", "gemm_reps", "pcn_rounds", "profile_rounds"):
+    for name in ("rounds", "block", "gemm_reps", "pcn_rounds", "profile_steps", "profile_top"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    peer_wanted = not (args.no_peer or args.profile_only)
+    peer_wanted = not args.no_peer
     if peer_wanted and not os.path.exists(args.timm_python):
         raise ValueError(
             f"--timm-python {args.timm_python} does not exist: create the timm venv "
@@ -804,7 +861,7 @@ def main(argv=None):
         if args.profile_only:
             res["peak"] = measure_peak(None)
             res["peak_best"] = res["peak"]["peak"]
-            profile_herd(args, res)
+            profile_herd(args, res, peer)
         else:
             res["peak"] = measure_peak(peer)
             log("peak FLOP/s:", json.dumps(res["peak"]))
@@ -815,7 +872,7 @@ def main(argv=None):
             log("peak after FLOP/s:", json.dumps(res["peak_after"]))
             res["peak_best"] = max(res["peak"]["peak"], res["peak_after"]["peak"])
             if args.profile:
-                profile_herd(args, res)
+                profile_herd(args, res, peer)
             summarize(res)
     finally:
         if peer is not None:
