@@ -640,9 +640,9 @@ def decode_profile(cfg, params, batch, rounds, res_out):
     @jax.jit
     def matmuls(mats, x):
         acc = jnp.zeros((), jnp.float32)
-        for w in mats:
-            y = jnp.ones((batch, w.shape[0]), jnp.float32) * x[:, :1]
-            acc = acc + jnp.sum(y @ w)
+        for w in mats:  # as the step multiplies: column blocks [blocks, in, out / blocks]
+            y = jnp.ones((batch, w.shape[1]), jnp.float32) * x[:, :1]
+            acc = acc + jnp.sum(gen._block_matmul(y, w))
         return acc
 
     matmuls(mats, x).block_until_ready()
@@ -689,11 +689,12 @@ def _loop_body_copies(cfg, weights, batch) -> list[str]:
 
 
 def _weight_mats(weights):
-    """Every matrix a decode step multiplies by (generate's prepared weights), as [in, out]."""
+    """Every matrix a decode step multiplies by (generate's prepared weights, in column
+    blocks)."""
     out = []
     for layer in weights["layers"]:
         out.extend(layer[k] for k in ("wqkv", "wo", "w13", "w2"))
-    out.append(weights["head"] if weights["head"] is not None else weights["embedding"].T)
+    out.append(weights["head"])
     return out
 
 
