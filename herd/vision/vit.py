@@ -124,7 +124,11 @@ class ViTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_blocks: bool = True
-    remat_policy: str = "none"
+    # save_dots: keep the projections' outputs, recompute norms, GELU and attention in the
+    # backward pass. ViT-S/16 at batch 16 on a 2-core CPU (tools/bench_vision.py): XLA's
+    # temp memory 0.84 GB instead of 2.26 GB, which XLA:CPU page-faults afresh every step,
+    # and the step 8% faster (3.62 vs 3.94 s); less memory on accelerators too.
+    remat_policy: str = "save_dots"
     init_std: float = 0.02
 
     def __post_init__(self):
