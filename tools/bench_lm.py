@@ -663,7 +663,53 @@ def decode_profile(cfg, params, batch, rounds, res_out):
         weight_matmuls=len(mats),
         prepare_weights_s=median(t_prep),
         loop_body_copies=_loop_body_copies(cfg, weights, batch),
+        matmul_shapes=_matmul_shapes(mats, batch, rounds),
     )
+
+
+def _matmul_shapes(mats, batch, rounds, reps=8) -> dict:
+    """Per weight shape of the decode step: the best time of one product as herd's step
+    does it (column blocks, jitted; the shape's distinct matrices in turn, so none is
+    cached) and as torch.nn.functional.linear on the same matrices ([out, in], as HF's
+    Linear), and the read bandwidth each reaches (matrix bytes / time)."""
+    from herd.lm import generate as gen
+
+    by_shape: dict[tuple, list] = {}
+    for w in mats:
+        by_shape.setdefault(tuple(w.shape), []).append(w)
+    out = {}
+    for shape, ws in by_shape.items():
+        k, n = shape[1], shape[0] * shape[2]
+        x = jnp.ones((batch, k), jnp.float32)
+        herd = jax.jit(lambda ws, x: [gen._block_matmul(x, w) for w in ws])
+        jax.block_until_ready(herd(ws, x))
+        try:
+            import torch
+
+            tws = [
+                torch.from_numpy(np.asarray(w).transpose(1, 0, 2).reshape(k, n).T.copy())
+                for w in ws
+            ]
+            tx = torch.ones(batch, k)
+        except ImportError:
+            tws = None
+        t_herd, t_torch = [], []
+        for _ in range(max(reps, rounds)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(herd(ws, x))
+            t_herd.append((time.perf_counter() - t0) / len(ws))
+            if tws is not None:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    for w in tws:
+                        torch.nn.functional.linear(tx, w)
+                    t_torch.append((time.perf_counter() - t0) / len(tws))
+        nbytes = 4 * k * n
+        row = {"count": len(ws), "herd_s": min(t_herd), "herd_GBps": nbytes / min(t_herd) / 1e9}
+        if t_torch:
+            row.update(torch_s=min(t_torch), torch_GBps=nbytes / min(t_torch) / 1e9)
+        out[f"{k}x{n}"] = row
+    return out
 
 
 def _loop_body_copies(cfg, weights, batch) -> list[str]:
