@@ -321,3 +321,54 @@ def test_default_reaches_95_percent_on_the_digits(tmp_path):
     assert s["top5"] >= s["top1"]
     assert os.path.getsize(s["attention_png"]) > 1000
     assert s["images_per_second"] > 0
+
+
+# ------------------------------------------------------------------- FLOPs per image
+
+
+def _unrolled_forward_flops(config):
+    """XLA's cost analysis of the fully unrolled forward on one image (abstract shapes)."""
+    import flax.linen as nn
+
+    config = config.replace(scan_blocks=False)
+    model = models.make_model(config)
+    variables = nn.meta.unbox(models.abstract_variables(config))
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
+    cost = lowered.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("vit_ti", dict(dim=32, depth=5, n_heads=2, image_size=32, patch_size=8)),
+        ("vit_s_18x2", dict(dim=32, depth=4, n_heads=2, image_size=32, stem="hmlp_bn")),
+        ("patchconvnet_s60", dict(dim=32, depth=5, image_size=32)),
+    ],
+)
+def test_flops_per_image_counts_every_scanned_block(name, overrides):
+    """XLA counts a while loop's body once: the scanned model must still count depth blocks,
+    i.e. equal 3 x the fully unrolled forward's cost analysis (and the unrolled config)."""
+    config = models.model_config(name, num_classes=10, **overrides)
+    scanned = vision_train.flops_per_image(config.replace(scan_blocks=True))
+    unrolled = vision_train.flops_per_image(config.replace(scan_blocks=False))
+    want = 3.0 * _unrolled_forward_flops(config)
+    assert want > 0
+    np.testing.assert_allclose(scanned, want, rtol=0.01)
+    np.testing.assert_allclose(unrolled, want, rtol=0.01)
+
+
+def test_flops_per_image_of_vit_s16_matches_the_analytic_count():
+    """ViT-S/16 at 224, 1000 classes. Analytic forward (2 FLOPs per multiply-add):
+    depth * (2 T (4 d^2 + 2 d f) + 4 T^2 d)   qkv, proj, fc1, fc2; q k^T and probs v
+    + 2 N (3 p^2) d + 2 d classes             patch embedding, head
+    with T = 197 tokens, N = 196 patches, d = 384, f = 1536, p = 16, depth 12: 9.20 G;
+    training = 3 x forward = 27.6 G. XLA also counts element-wise ops (LN, GELU, softmax,
+    residuals): ~3% more (28.4 G), so the count must lie in [analytic, 1.05 x analytic]."""
+    config = models.model_config("vit_s")
+    t, n, d, f, p = 197, 196, 384, 1536, 16
+    forward = 12 * (2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d)
+    forward += 2 * n * 3 * p * p * d + 2 * d * 1000
+    got = vision_train.flops_per_image(config)
+    assert 3 * forward <= got <= 1.05 * 3 * forward, (got / 1e9, 3 * forward / 1e9)
