@@ -58,9 +58,26 @@ from herd.vision.vit import (
     torch_default_kernel_init,
 )
 
-__all__ = ["PatchConvNetConfig", "PatchConvNet", "PATCHCONVNET_VARIANTS", "STEM_STRIDE"]
+__all__ = [
+    "PatchConvNetConfig",
+    "PatchConvNet",
+    "PATCHCONVNET_VARIANTS",
+    "STEM_STRIDE",
+    "DEPTHWISE_IMPLS",
+    "depthwise_conv3x3",
+]
 
 STEM_STRIDE = 16  # four stride-2 convs: one token per 16x16 pixels
+
+# The trunk's depthwise conv3x3, two ways with the same math and the same kernel param:
+# 'shifted': nine shifted multiply-adds on the zero-padded input (element-wise, fused);
+# 'conv': lax.conv_general_dilated with feature_group_count = channels. On XLA:CPU the
+# 'conv' kernel gradient is slow: that conv (batch_group_count = C) becomes a dense
+# C x C conv whose diagonal is kept (C times the FLOPs: ~80 ms per S60 block unrolled), and
+# inside nn.scan's loop body it gets a layout (f01b_i01o->01bf) the Eigen conv kernels do
+# not take, so it runs as a naive loop: ~14 s per block at S60's [16, 14, 14, 384].
+# 'shifted' is the default as measured on CPU (GPU / TPU not measured).
+DEPTHWISE_IMPLS = ("shifted", "conv")
 
 # dim / trunk depth / LayerScale init: patchconvnet_models.py S60 ... L120 (S60 keeps the
 # default init_scale 1e-4, the others pass 1e-6); paper Table 1 / README_patchconvnet.md.
@@ -93,6 +110,7 @@ class PatchConvNetConfig:
     scan_blocks: bool = True
     remat_policy: str = "none"
     init_std: float = 0.02
+    depthwise: str = "shifted"  # DEPTHWISE_IMPLS: how the trunk's depthwise 3x3 is computed
 
     def __post_init__(self):
         for f in ("dtype", "param_dtype"):
@@ -129,6 +147,10 @@ class PatchConvNetConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}"
+            )
+        if self.depthwise not in DEPTHWISE_IMPLS:
+            raise ValueError(
+                f"unknown depthwise {self.depthwise!r}; valid: {', '.join(DEPTHWISE_IMPLS)}"
             )
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
@@ -214,11 +236,31 @@ class ConvStem(nn.Module):
         return x
 
 
+def depthwise_conv3x3(x, kernel, impl: str = "shifted"):
+    """Depthwise conv3x3, stride 1, zero padding 1 (torch's Conv2d(D, D, 3, padding=1,
+    groups=D) without bias): x [B, H, W, D], kernel [3, 3, D] (torch's weight[d, 0, i, j]
+    at kernel[i, j, d]); cross-correlation, out[h, w] = sum_ij pad(x)[h + i, w + j] k[i, j].
+    ``impl`` is one of DEPTHWISE_IMPLS (same result up to float rounding)."""
+    if impl == "conv":
+        return _conv(x, kernel[:, :, None, :], stride=1, groups=x.shape[-1])
+    if impl != "shifted":
+        raise ValueError(f"unknown depthwise impl {impl!r}; valid: {', '.join(DEPTHWISE_IMPLS)}")
+    h, w = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for i in range(3):
+        for j in range(3):
+            term = padded[:, i : i + h, j : j + w, :] * kernel[i, j]
+            out = term if out is None else out + term
+    return out
+
+
 class DepthwiseConv(nn.Module):
     """Depthwise conv3x3, padding 1, with bias (torch default init): kernel [3, 3, D]."""
 
     dtype: Any
     param_dtype: Any
+    impl: str = "shifted"
 
     @nn.compact
     def __call__(self, x):
@@ -230,7 +272,7 @@ class DepthwiseConv(nn.Module):
         bias_init = torch_default_bias_init(9)  # fan_in of a depthwise 3x3: 9
         bias = _param(self, "bias", (d,), ("conv_hidden",), bias_init, self.param_dtype)
         dt = self.dtype
-        return _conv(x, kernel.astype(dt)[:, :, None, :], stride=1, groups=d) + bias.astype(dt)
+        return depthwise_conv3x3(x, kernel.astype(dt), self.impl) + bias.astype(dt)
 
 
 class TrunkBlock(nn.Module):
@@ -258,7 +300,7 @@ class TrunkBlock(nn.Module):
 
         y = LayerNorm(c.norm_eps, dt, pdt, name="norm")(x)
         y = gelu(checkpoint_name(dense((d,), ("embed", "conv_hidden"), "conv_in", d)(y), "conv_in"))
-        y = DepthwiseConv(dt, pdt, name="dwconv")(y)
+        y = DepthwiseConv(dt, pdt, c.depthwise, name="dwconv")(y)
         y = gelu(checkpoint_name(y, "dwconv"))
         # squeeze-excite (timm SqueezeExcite): gate each channel by its spatial mean
         s = jnp.mean(y.astype(jnp.float32), axis=(1, 2)).astype(dt)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from herd.core.mesh import batch_sharding, init_sharded, make_mesh
 from herd.vision.convert import from_timm, to_timm, unstack_blocks
 from herd.vision.models import count_params, make_model, model_config
-from herd.vision.patchconvnet import PatchConvNet, PatchConvNetConfig
+from herd.vision.patchconvnet import PatchConvNet, PatchConvNetConfig, depthwise_conv3x3
 from herd.vision.sharding import VISION_RULES
 
 TINY = dict(dim=64, depth=3, image_size=32, num_classes=7)
@@ -203,6 +203,55 @@ def test_s60_applies_under_the_vision_rules_on_a_mesh():
     np.testing.assert_allclose(attn, want_attn, atol=1e-6)
 
 
+def test_shifted_depthwise_equals_the_lax_conv():
+    """The nine shifted multiply-adds are lax.conv_general_dilated(feature_group_count=D):
+    forward, input gradient and kernel gradient, float32, on a non-square grid (so that a
+    swapped height / width or a flipped kernel shows)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 8)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, 5, 7, 8)), jnp.float32)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(
+            x, k[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=8,
+        )  # fmt: skip
+
+    def vjp(f):
+        y, pull = jax.vjp(jax.jit(f), x, k)
+        return (y, *pull(dy))
+
+    want = vjp(lax_conv)
+    for impl in ("shifted", "conv"):
+        got = vjp(lambda x, k, impl=impl: depthwise_conv3x3(x, k, impl))
+        for a, b, what in zip(got, want, ("y", "dx", "dk"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{impl} {what}")
+    # a corner output sees only the 2 x 2 in-bounds taps (zero padding)
+    corner = float(jnp.sum(x[0, :2, :2, 3] * k[1:, 1:, 3]))
+    np.testing.assert_allclose(want[0][0, 0, 0, 3], corner, rtol=1e-5)
+
+
+def test_depthwise_impls_give_the_same_model_and_gradients():
+    """config.depthwise only changes how the trunk's depthwise conv is computed: the same
+    params give the same logits and parameter gradients, blocks scanned."""
+    config = PatchConvNetConfig(**TINY, layerscale_init=0.3)
+    params = _variables(config)["params"]
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+
+    def loss_and_grads(impl):
+        model = PatchConvNet(config.replace(depthwise=impl))
+        loss = lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (la, ga), (lb, gb) = loss_and_grads("shifted"), loss_and_grads("conv")
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="image_size=200 is not divisible by the stem's stride 16"):
         model_config("patchconvnet_s60", image_size=200)
@@ -210,6 +259,8 @@ def test_bad_input():
         ValueError, match="unknown vision model 'patchconvnet_s30'.*patchconvnet_s60"
     ):
         model_config("patchconvnet_s30")
+    with pytest.raises(ValueError, match="unknown depthwise 'dense'; valid: shifted, conv"):
+        PatchConvNetConfig(**TINY, depthwise="dense")
     config = PatchConvNetConfig(**TINY)
     with pytest.raises(ValueError, match=r"PatchConvNet expects NHWC images \[batch, 32, 32, 3\]"):
         PatchConvNet(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
