@@ -476,7 +476,18 @@ def remat_policy(name: str):
 class AttentionBranch(nn.Module):
     """LN -> multi-head self-attention (fused qkv with bias, timm Attention) -> LayerScale:
     one residual branch (Block applies drop path). Returns the branch output [B, T, D] and
-    the attention probabilities [B, H, T, T] (float32)."""
+    the attention probabilities [B, H, T, T] (float32).
+
+    Laid out for XLA:CPU (tools/bench_vision.py, ViT-S/16 batch 16 train step on 2 cores,
+    alternating in one process: 2.68 s against 3.23 s for the straightforward form):
+    q, k, v are moved to head-major [B, H, T, hd] once, so both attention products have
+    their batch axes leading and need no per-product transposes; the 1/sqrt(hd) query
+    scale is folded into the q columns of the qkv kernel and bias (a [D, H, hd] multiply
+    instead of one over every query); the softmax is normalised after the context product
+    (exp(s - max) @ v, then divided by the row sums: [B, H, T, hd] divisions instead of
+    [B, H, T, T]). The parameters are the same as a plain Dense's (qkv/kernel [D, 3, H,
+    hd], qkv/bias [3, H, hd]).
+    """
 
     config: ViTConfig
 
@@ -487,23 +498,57 @@ class AttentionBranch(nn.Module):
         h, hd = c.n_heads, c.head_dim
         init = nn.initializers.normal(c.init_std)
         x = LayerNorm(c.norm_eps, dt, pdt, name="norm")(x)
-        qkv_axes = ("embed", "qkv", "heads", "head_dim")
-        qkv = Dense((3, h, hd), qkv_axes, dt, pdt, kernel_init=init, name="qkv")(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        axes = ("batch", "length", "heads", "head_dim")
-        q = _constrain(checkpoint_name(q, "query"), axes)
-        k = _constrain(checkpoint_name(k, "key"), axes)
-        v = _constrain(checkpoint_name(v, "value"), axes)
-        scale = jnp.asarray(hd**-0.5, dt)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
+        b, t, d = x.shape
+        kernel, bias = QKVParams(c, name="qkv")(d)
+        # fold the query scale: columns of q (index 0 of the qkv axis) times 1/sqrt(hd)
+        fold = jnp.asarray([hd**-0.5, 1.0, 1.0], jnp.float32).reshape(3, 1, 1)
+        kernel = (kernel.astype(jnp.float32) * fold).astype(dt)
+        bias = (bias.astype(jnp.float32) * fold).astype(dt)
+        qkv = jnp.matmul(
+            x.reshape(b * t, d).astype(dt),
+            kernel.reshape(d, 3 * h * hd),
+            preferred_element_type=dt,
+        )
+        qkv = (qkv + bias.reshape(3 * h * hd)).reshape(b, t, 3, h, hd)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
+        axes = ("batch", "heads", "length", "head_dim")
+        q = _constrain(checkpoint_name(qkv[0], "query"), axes)
+        k = _constrain(checkpoint_name(qkv[1], "key"), axes)
+        v = _constrain(checkpoint_name(qkv[2], "value"), axes)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # softmax(s) @ v = (exp(s - max) @ v) / sum(exp(s - max)); the max is a constant
+        # shift (its gradient cancels), so it is not differentiated
+        shifted = scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        weights = jnp.exp(shifted)
+        denom = jnp.sum(weights, axis=-1, keepdims=True)
+        ctx = jnp.einsum(
+            "bhqk,bhkd->bhqd", weights.astype(dt), v, preferred_element_type=jnp.float32
+        )
+        ctx = (ctx / denom).astype(dt)
         ctx = _constrain(checkpoint_name(ctx, "context"), axes)
+        ctx = ctx.transpose(0, 2, 1, 3)  # [B, T, H, hd] for proj
         proj_axes = ("heads", "head_dim", "embed")
         y = Dense((c.dim,), proj_axes, dt, pdt, n_in=2, kernel_init=init, name="proj")(ctx)
         if c.layerscale_init is not None:
             y = layerscale(self, y, c.layerscale_init, pdt)
-        return y, probs
+        return y, weights / denom  # the probabilities; dead code unless returned
+
+
+class QKVParams(nn.Module):
+    """The fused qkv projection's parameters, as Dense((3, H, hd)) would make them:
+    kernel [D, 3, H, hd] (embed, qkv, heads, head_dim), bias [3, H, hd] (zeros)."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, d):
+        c = self.config
+        shape = (3, c.n_heads, c.head_dim)
+        axes = ("embed", "qkv", "heads", "head_dim")
+        init = nn.initializers.normal(c.init_std)
+        kernel = _param(self, "kernel", (d, *shape), axes, init, c.params_dtype)
+        bias = _param(self, "bias", shape, axes[1:], nn.initializers.zeros, c.params_dtype)
+        return kernel, bias
 
 
 class MlpBranch(nn.Module):

@@ -439,3 +439,48 @@ def test_hmlp_stem_matches_torch_with_official_keys(norm):
     stem_vars = {k: v["hmlp_stem"] for k, v in variables.items()}
     ours = HMLPStem(config).apply(stem_vars, images)
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+
+
+def _reference_attention(params, x, config):
+    """Multi-head self-attention written plainly (scaled queries, softmax, context), on
+    the branch's own params: what the head-major, folded-scale, late-normalised form in
+    AttentionBranch must equal."""
+    p = params
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    xn = (x - mean) / jnp.sqrt(var + config.norm_eps) * p["norm"]["scale"] + p["norm"]["bias"]
+    hp = jax.lax.Precision.HIGHEST
+    qkv = jnp.einsum("btd,dshe->btshe", xn, p["qkv"]["kernel"], precision=hp) + p["qkv"]["bias"]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    s = jnp.einsum("bqhe,bkhe->bhqk", q / math.sqrt(config.head_dim), k, precision=hp)
+    probs = jax.nn.softmax(s, axis=-1)
+    ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v, precision=hp)
+    y = jnp.einsum("bthe,hed->btd", ctx, p["proj"]["kernel"], precision=hp) + p["proj"]["bias"]
+    return y * p["layerscale"], probs
+
+
+def test_attention_branch_equals_plain_softmax_attention():
+    """Output, probabilities and parameter gradients of AttentionBranch match the plain
+    form; the params are a Dense's (qkv kernel [D, 3, H, hd], bias [3, H, hd])."""
+    config = ViTConfig(dim=48, depth=1, n_heads=3, image_size=16, layerscale_init=0.5)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 48)) * 3.0
+    branch = AttentionBranch(config)
+    params = nn.meta.unbox(branch.init(jax.random.PRNGKey(1), x)["params"])
+    params = jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params
+    )
+    assert params["qkv"]["kernel"].shape == (48, 3, 3, 16)
+    assert params["qkv"]["bias"].shape == (3, 3, 16)
+    y, probs = branch.apply({"params": params}, x)
+    y_ref, probs_ref = _reference_attention(params, x, config)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(probs, probs_ref, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+    def loss(fn):
+        return lambda p: jnp.sum(jnp.sin(fn(p)))
+
+    g = jax.grad(loss(lambda p: branch.apply({"params": p}, x)[0]))(params)
+    g_ref = jax.grad(loss(lambda p: _reference_attention(p, x, config)[0]))(params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
