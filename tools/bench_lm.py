@@ -640,9 +640,9 @@ def decode_profile(cfg, params, batch, rounds, res_out):
     @jax.jit
     def matmuls(mats, x):
         acc = jnp.zeros((), jnp.float32)
-        for w in mats:  # as the step multiplies: transposed, [out, in]
+        for w in mats:  # as the step multiplies: column blocks [blocks, in, out / blocks]
             y = jnp.ones((batch, w.shape[1]), jnp.float32) * x[:, :1]
-            acc = acc + jnp.sum(gen._matmul(y, w))
+            acc = acc + jnp.sum(gen._block_matmul(y, w))
         return acc
 
     matmuls(mats, x).block_until_ready()
@@ -669,7 +669,7 @@ def decode_profile(cfg, params, batch, rounds, res_out):
 
 def _matmul_shapes(mats, batch, rounds, reps=8) -> dict:
     """Per weight shape of the decode step: the best time of one product as herd's step
-    does it ([out, in], jitted; the shape's distinct matrices in turn, so none is
+    does it (column blocks, jitted; the shape's distinct matrices in turn, so none is
     cached) and as torch.nn.functional.linear on the same matrices ([out, in], as HF's
     Linear), and the read bandwidth each reaches (matrix bytes / time)."""
     from herd.lm import generate as gen
@@ -679,14 +679,17 @@ def _matmul_shapes(mats, batch, rounds, reps=8) -> dict:
         by_shape.setdefault(tuple(w.shape), []).append(w)
     out = {}
     for shape, ws in by_shape.items():
-        n, k = shape
+        k, n = shape[1], shape[0] * shape[2]
         x = jnp.ones((batch, k), jnp.float32)
-        herd = jax.jit(lambda ws, x: [gen._matmul(x, w) for w in ws])
+        herd = jax.jit(lambda ws, x: [gen._block_matmul(x, w) for w in ws])
         jax.block_until_ready(herd(ws, x))
         try:
             import torch
 
-            tws = [torch.from_numpy(np.array(w)) for w in ws]
+            tws = [
+                torch.from_numpy(np.asarray(w).transpose(1, 0, 2).reshape(k, n).T.copy())
+                for w in ws
+            ]
             tx = torch.ones(batch, k)
         except ImportError:
             tws = None
@@ -732,7 +735,8 @@ def _loop_body_copies(cfg, weights, batch) -> list[str]:
 
 
 def _weight_mats(weights):
-    """Every matrix a decode step multiplies by (generate's prepared weights, [out, in])."""
+    """Every matrix a decode step multiplies by (generate's prepared weights, in column
+    blocks)."""
     out = []
     for layer in weights["layers"]:
         out.extend(layer[k] for k in ("wqkv", "wo", "w13", "w2"))

@@ -163,30 +163,40 @@ def _layer_trees(params, n_layers: int) -> list:
     return [params[f"layers_{i}"] for i in range(n_layers)]
 
 
-# Each decode matrix is kept transposed, [N, K] (out, in: torch's Linear layout), and
-# multiplied contracting both minor dims. On the 2-core Intel VM, the bench model's 33
-# products at batch 8 took 9.3 ms that way against 10.6 ms as 4 column blocks [4, K, N / 4]
-# (the previous layout) and 12.6 ms as plain [K, N] dots; at batch 1 the three were within
-# 3% (4.4-4.6 ms, loaded). The blocks also cost a transpose copy of every product's output
-# when M > 1.
+# Each decode matrix [K, N] is kept as COL_BLOCKS column blocks [COL_BLOCKS, K, N / blocks]
+# and multiplied as one batched product. On the 2-core Intel VM XLA:CPU ran the batch-1
+# products of the benchmark model (33 matvecs over 1-16 MB) at 14-16 GB/s as plain [K, N]
+# dots and 20-21 GB/s as 2 or 4 blocks (the same products in a loop, torch.nn.functional
+# .linear: 15-17 GB/s); the whole decode loop ran 1.25-1.3x faster at batch 1 with 4
+# blocks and 1.05x at batch 8 (2 blocks: 1.2x / 1.0x, 8 or 16 blocks: slower than none).
+COL_BLOCKS = 4
 
 
-def _out_in(w):
-    """[K, N] (in, out) -> [N, K], contiguous."""
-    return w.T
+def _col_blocks(w):
+    """[K, N] -> [b, K, N / b]: column block i is w[:, i * N / b : (i + 1) * N / b], with b the
+    largest of COL_BLOCKS, ..., 2, 1 that divides N."""
+    k, n = w.shape
+    blocks = next(b for b in range(COL_BLOCKS, 0, -1) if n % b == 0)
+    return w.reshape(k, blocks, n // blocks).transpose(1, 0, 2)
 
 
-def _matmul(x, w, preferred=None):
-    """x [M, K] times the transposed matrix w [N, K] -> [M, N]."""
-    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=preferred)
+def _block_matmul(x, w, preferred=None):
+    """x [M, K] times the column-blocked matrix w [b, K, N / b] -> [M, N] (a reshape, no
+    copy, when M == 1)."""
+    b = w.shape[0]
+    xb = jnp.broadcast_to(x[None], (b,) + x.shape)
+    y = jax.lax.dot_general(
+        xb, w, (((2,), (1,)), ((0,), (0,))), preferred_element_type=preferred
+    )  # [b, M, N / b]
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
 def _decode_weights(config: LlamaConfig, params) -> dict:
-    """The matrices a decode step multiplies by, per layer, in the compute dtype and
-    transposed to [out, in] (_out_in): ``wqkv`` from [dim, (heads + 2 kv_heads) * head_dim]
-    (q, k, v side by side), ``wo`` from [heads * head_dim, dim], ``w13`` from [dim, 2 ffn]
-    (gate, up), ``w2`` from [ffn, dim] and the output head from [dim, vocab] (the embedding
-    table itself when tied); the norm scales and the embedding table as they are."""
+    """The matrices a decode step multiplies by, per layer, in the compute dtype and split
+    into column blocks (_col_blocks): ``wqkv`` from [dim, (heads + 2 kv_heads) * head_dim]
+    (q, k, v side by side), ``wo`` [heads * head_dim, dim], ``w13`` [dim, 2 ffn] (gate,
+    up), ``w2`` [ffn, dim] and the output head [dim, vocab] (the embedding transposed when
+    tied); the norm scales and the embedding table as they are."""
     c = config
     dt = c.compute_dtype
     d, h, kv, hd = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
@@ -197,11 +207,11 @@ def _decode_weights(config: LlamaConfig, params) -> dict:
         layers.append(
             {
                 "attention_norm": lp["attention_norm"]["scale"],
-                "wqkv": _out_in(jnp.concatenate([w.astype(dt) for w in qkv], axis=1)),
-                "wo": _out_in(a["wo"].reshape(h * hd, d).astype(dt)),
+                "wqkv": _col_blocks(jnp.concatenate([w.astype(dt) for w in qkv], axis=1)),
+                "wo": _col_blocks(a["wo"].reshape(h * hd, d).astype(dt)),
                 "ffn_norm": lp["ffn_norm"]["scale"],
-                "w13": _out_in(jnp.concatenate([f["w1"].astype(dt), f["w3"].astype(dt)], 1)),
-                "w2": _out_in(f["w2"].astype(dt)),
+                "w13": _col_blocks(jnp.concatenate([f["w1"].astype(dt), f["w3"].astype(dt)], 1)),
+                "w2": _col_blocks(f["w2"].astype(dt)),
             }
         )
     table = params["tok_embeddings"]["embedding"]
@@ -210,7 +220,7 @@ def _decode_weights(config: LlamaConfig, params) -> dict:
         "layers": tuple(layers),
         "embedding": table,
         "norm": params["norm"]["scale"],
-        "head": _out_in(head.astype(dt)),
+        "head": _col_blocks(head.astype(dt)),
     }
 
 
@@ -291,7 +301,7 @@ def _forward_cached(config: LlamaConfig, w, tokens, positions, caches, k_positio
     new = []
     for lw, (ck, cv) in zip(w["layers"], caches, strict=True):
         y = _rms_norm(x, lw["attention_norm"], c.norm_eps, dt)
-        q, k, v = jnp.split(_matmul(y, lw["wqkv"]), [h * hd, (h + kv) * hd], axis=1)
+        q, k, v = jnp.split(_block_matmul(y, lw["wqkv"]), [h * hd, (h + kv) * hd], axis=1)
         q = apply_rope(q.reshape(b, t, h, hd), cos, sin)
         k = apply_rope(k.reshape(b, t, kv, hd), cos, sin)
         k = k.transpose(0, 2, 3, 1).reshape(lead + (hd, t)).astype(ck.dtype)
@@ -302,12 +312,12 @@ def _forward_cached(config: LlamaConfig, w, tokens, positions, caches, k_positio
         cv = nn.with_logical_constraint(cv, names + ("length", "head_dim"))
         new.append((ck, cv))
         out = _attend(q, ck, cv, allowed, b, t, kv) * valid
-        x = x + _matmul(out, lw["wo"])
+        x = x + _block_matmul(out, lw["wo"])
         y = _rms_norm(x, lw["ffn_norm"], c.norm_eps, dt)
-        gate, up = jnp.split(_matmul(y, lw["w13"]), 2, axis=1)
-        x = x + _matmul(nn.silu(gate) * up, lw["w2"])
+        gate, up = jnp.split(_block_matmul(y, lw["w13"]), 2, axis=1)
+        x = x + _block_matmul(nn.silu(gate) * up, lw["w2"])
     x = _rms_norm(x, w["norm"], c.norm_eps, dt)
-    logits = _matmul(x, w["head"], preferred=jnp.float32)
+    logits = _block_matmul(x, w["head"], preferred=jnp.float32)
     return logits.reshape(b, t, -1), tuple(new)
 
 
