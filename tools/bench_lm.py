@@ -7,6 +7,7 @@ Usage::
     python tools/bench_lm.py --sections compile,memory,profile
     python tools/bench_lm.py --sections accel      # GPU/TPU: Llama-3-8B-shaped layers, bf16
     python tools/bench_lm.py --sections decode     # generation: herd vs HF generate (CPU)
+    python tools/bench_lm.py --sections accel_decode  # GPU/TPU: Llama-3-8B decode, bf16
 
 On CPU (the default sections):
 
@@ -995,9 +996,83 @@ def section_accel(args, res):
         log(json.dumps(run))
 
 
+def hbm_bandwidth(nbytes: int, reps: int = 10) -> dict:
+    """Read bandwidth (bytes/s) of the accelerator's memory: a jitted float32-accumulated
+    sum over a bfloat16 array of `nbytes` (far larger than any cache), best and median of
+    `reps`."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    total(x).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return {"array_bytes": nbytes, "bandwidth": nbytes / min(ts), "median": nbytes / median(ts)}
+
+
+def section_accel_decode(args, res):
+    """Decode tok/s of a Llama-3-8B-shaped model in bf16 (herd.lm.generate.generate_tokens,
+    greedy, prompt 16, 128 new tokens) at each batch of --accel-decode-batches, and the
+    fraction of the measured HBM read bandwidth its steps use (the bytes each step must
+    read: every weight but the embedding table, plus the cached K/V)."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu" and not args.accel_on_cpu:
+        log("accel_decode: skipped (no GPU/TPU)")
+        return
+    cfg = LlamaConfig.preset("llama3-8b").replace(
+        **{
+            "dtype": "bfloat16",
+            "param_dtype": "bfloat16",
+            "max_seq_len": DECODE_PROMPT + DECODE_NEW,
+            **_parse_overrides(args.accel_override),
+        }
+    )
+    model = Llama(cfg)
+    init = jax.jit(lambda key: nn_unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]))
+    params = init(jax.random.PRNGKey(0))
+    weight_bytes = n_params(cfg, False) * 2
+    bw = hbm_bandwidth(min(int(weight_bytes), 8 << 30))
+    log(
+        f"accel_decode: {dev.device_kind}, {n_params(cfg) / 1e9:.2f}B params (bf16), "
+        f"HBM read {bw['bandwidth'] / 1e9:.0f} GB/s"
+    )
+    out = res["accel_decode"] = {
+        "device": dev.device_kind,
+        "params": n_params(cfg),
+        "n_layers": cfg.n_layers,
+        "dtype": "bfloat16",
+        "prompt_len": DECODE_PROMPT,
+        "new_tokens": DECODE_NEW,
+        "hbm_bandwidth": bw,
+        "batches": {},
+    }
+    herd = HerdDecode(cfg, params)
+    rng = np.random.default_rng(1)
+    for b in args.accel_decode_batches:
+        prompts = rng.integers(3, cfg.vocab_size, (b, DECODE_PROMPT)).astype(np.int32)
+        for new in (1, DECODE_NEW):  # compile both shapes before timing
+            herd(prompts, new)
+        t1 = [timed(herd, prompts, 1) for _ in range(args.decode_rounds)]
+        tn = [timed(herd, prompts, DECODE_NEW) for _ in range(args.decode_rounds)]
+        steps_per_s = (DECODE_NEW - 1) / (median(tn) - median(t1))
+        step_bytes = decode_bytes_per_step(cfg, b, DECODE_PROMPT + (DECODE_NEW - 1) / 2, 2)
+        row = out["batches"][f"b{b}"] = {
+            "prefill_s": median(t1),
+            "generate_s": median(tn),
+            "decode_tokens_per_s": b * steps_per_s,
+            "prefill_tokens_per_s": b * DECODE_PROMPT / median(t1),
+            "bytes_per_step": step_bytes,
+            "fraction_of_hbm_bandwidth": steps_per_s * step_bytes / bw["bandwidth"],
+        }
+        log(f"accel_decode batch {b}:", json.dumps(row))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="peak,throughput,compile,memory,profile,accel,decode")
+    p.add_argument(
+        "--sections", default="peak,throughput,compile,memory,profile,accel,accel_decode,decode"
+    )
     p.add_argument("--steps", type=int, default=7, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (per block)")
     p.add_argument("--block", type=int, default=3, help="timed steps per contestant block")
@@ -1044,6 +1119,12 @@ def main(argv=None):
     )
     p.add_argument("--decode-rounds", type=int, default=5, help="timed rounds (decode)")
     p.add_argument(
+        "--accel-decode-batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 64],
+        help="batch sizes of the accel_decode section (GPU/TPU: Llama-3-8B-shaped, bf16)",
+    )
+    p.add_argument(
         "--torch-threads", type=int, default=0, help="decode: torch threads (0 = torch's default)"
     )
     p.add_argument(
@@ -1083,6 +1164,8 @@ def main(argv=None):
         section_profile(args, res)
     if "accel" in sections:
         section_accel(args, res)
+    if "accel_decode" in sections:
+        section_accel_decode(args, res)
     if "decode" in sections:
         section_decode(args, res)
     res["machine"]["uptime_end"] = machine()["uptime"]

@@ -7,7 +7,8 @@
 #      not interpreted) and the logits golden-file parity on the GPU,
 #   3. runs tools/bench_lm.py's accel section (bf16 MFU of Llama-3-8B-shaped layers) for
 #      each GPU attention backend,
-#   4. times herd's Lloyd and k-means++ at the CPU benchmark's shape on the GPU.
+#   4. tools/bench_lm.py's accel_decode section (Llama-3-8B-shaped decode, bf16, batch 1/64),
+#   5. times herd's Lloyd and k-means++ at the CPU benchmark's shape on the GPU.
 # Results go to $OUT (logs and JSON). Each step has its own time limit so that one slow
 # step cannot eat the others' device time.
 set -u
@@ -45,6 +46,12 @@ echo "accel rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 timeout 90 python tools/bench_lm.py --sections accel --gpu-attention cudnn --accel-remat none \
   --steps 5 --warmup 2 --json "$OUT/accel_remat_none.json" >"$OUT/accel_remat_none.txt" 2>&1
 echo "accel remat none rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
+
+# Issue 12: decode tok/s of a Llama-3-8B-shaped model (all 32 layers, bf16) at batch 1 and
+# 64, and the fraction of the HBM read bandwidth measured in the same run.
+timeout 240 python tools/bench_lm.py --sections accel_decode --decode-rounds 3 \
+  --json "$OUT/accel_decode.json" >"$OUT/accel_decode.txt" 2>&1
+echo "accel decode rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 
 timeout 100 python - >"$OUT/kmeans_gpu.txt" 2>&1 <<'EOF'
 import json, time
