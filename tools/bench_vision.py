@@ -5,6 +5,7 @@ Usage::
     flock /tmp/herd_bench.lock python tools/bench_vision.py          # ~10-15 min, 2 cores
     python tools/bench_vision.py --rounds 2 --block 2 --no-patchconvnet --optimizers adamw
     python tools/bench_vision.py --profile-only                      # where herd's step goes
+    python tools/bench_vision.py --accel       # GPU/TPU: ViT-B/16, ViT-L/16 bf16 MFU, batch 256
 
 What runs (CPU, float32, batch 16, 224 x 224):
 
@@ -81,13 +82,13 @@ def median(xs):
     return float(statistics.median(xs))
 
 
-def host_batch(seed: int = 0):
+def host_batch(seed: int = 0, batch: int = BATCH, size: int = SIZE):
     """Random images (NHWC float32) and binarised mixup targets: two classes set to 1 per
     row, as DeiT III's BCE sees after mixing two images (the same arrays on both sides)."""
     rng = np.random.default_rng(seed)
-    images = rng.standard_normal((BATCH, SIZE, SIZE, 3), dtype=np.float32)
-    targets = np.zeros((BATCH, CLASSES), np.float32)
-    for i in range(BATCH):
+    images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+    targets = np.zeros((batch, CLASSES), np.float32)
+    for i in range(batch):
         targets[i, rng.choice(CLASSES, 2, replace=False)] = 1.0
     return images, targets
 
@@ -429,7 +430,15 @@ class JnpGemms:
 class HerdStep:
     """herd.vision.train's jitted train step (the trainer's own _build) on one device."""
 
-    def __init__(self, name: str, optimizer: str, drop_path: float, **model_overrides):
+    def __init__(
+        self,
+        name: str,
+        optimizer: str,
+        drop_path: float,
+        batch: int = BATCH,
+        size: int = SIZE,
+        **model_overrides,
+    ):
         import jax
 
         from herd.core import mesh as mesh_lib
@@ -437,7 +446,7 @@ class HerdStep:
 
         cfg = _base_config()
         cfg.model.name = name
-        cfg.model.image_size = SIZE
+        cfg.model.image_size = size
         cfg.model.num_classes = CLASSES
         cfg.model.drop_path = drop_path
         for k, v in model_overrides.items():
@@ -454,7 +463,7 @@ class HerdStep:
             self.model_config, tuple(sorted(optim.items())), 10_000, 1000, self.mesh, 1, loss_items
         )
         self.state = self.built.init(jax.random.key_data(jax.random.key(0)))
-        images, targets = host_batch()
+        images, targets = host_batch(batch=batch, size=size)
         self.batch = mesh_lib.shard_batch({"image": images, "target": targets}, self.mesh)
         step = self.built.train_step_for(("image", "target"))
         t0 = time.perf_counter()
@@ -519,6 +528,62 @@ def _base_config():
 
 
 # ============================================================================== sections
+
+
+def section_accel(args, res):
+    """GPU/TPU (issue 13): bf16 training MFU of each model in --accel-models (DeiT III
+    step: LAMB, BCE, the recipe's drop path) at 224 and batch --accel-batch, one device.
+    FLOPs are the trainer's own count (``flops_per_image``: every block, training = 3 x
+    forward); the peak is a bf16 8192^3 matmul measured in the same run."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs.vision.common import DEIT3_DROP_PATH
+
+    dev = jax.devices()[0]
+    n = args.accel_peak_n
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    peak = 2 * n**3 / min(ts)
+    out = res["accel"] = {"device": dev.device_kind, "bf16_peak": peak, "runs": []}
+    log(f"accel: {dev.device_kind}, bf16 {n}^3 matmul peak {peak / 1e12:.1f} TFLOP/s")
+    for name in args.accel_models.split(","):
+        run = {"model": name, "batch": args.accel_batch, "size": args.accel_size}
+        out["runs"].append(run)
+        try:
+            herd = HerdStep(
+                name,
+                "lamb",
+                DEIT3_DROP_PATH.get(name, 0.1),
+                batch=args.accel_batch,
+                size=args.accel_size,
+                dtype="bfloat16",
+            )
+            timing = herd.block(args.accel_steps, warmup=2)
+        except Exception as e:  # one model failing (e.g. memory) must not hide the other
+            run["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            log(f"accel {name}: FAILED {run['error']}")
+            continue
+        step = median(timing["wall"])
+        images_per_s = args.accel_batch / step
+        run.update(
+            params=herd.params,
+            compile_s=herd.compile_s,
+            step_s=step,
+            images_per_s=images_per_s,
+            flops_per_image=herd.trainer_flops_per_image,
+            mfu=images_per_s * herd.trainer_flops_per_image / peak,
+            loss=timing["loss"],
+            peak_bytes_in_use=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
+        )
+        herd = None
+        log(f"accel {name}:", json.dumps(run))
 
 
 def measure_peak(peer) -> dict:
@@ -828,6 +893,16 @@ def main(argv=None):
     p.add_argument("--profile-steps", type=int, default=2, help="steps traced (profile)")
     p.add_argument("--profile-top", type=int, default=15, help="largest ops listed (profile)")
     p.add_argument("--hlo-out", default="", help="profile: write the step's optimized HLO here")
+    p.add_argument(
+        "--accel",
+        action="store_true",
+        help="GPU/TPU: bf16 training MFU of --accel-models at batch --accel-batch (herd only)",
+    )
+    p.add_argument("--accel-models", default="vit_b,vit_l")
+    p.add_argument("--accel-batch", type=int, default=256)
+    p.add_argument("--accel-size", type=int, default=SIZE)
+    p.add_argument("--accel-steps", type=int, default=5)
+    p.add_argument("--accel-peak-n", type=int, default=8192, help="bf16 peak matmul size")
     p.add_argument("--timm-python", default=TIMM_PYTHON)
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
@@ -842,7 +917,7 @@ def main(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    peer_wanted = not args.no_peer
+    peer_wanted = not (args.no_peer or args.accel)
     if peer_wanted and not os.path.exists(args.timm_python):
         raise ValueError(
             f"--timm-python {args.timm_python} does not exist: create the timm venv "
@@ -858,7 +933,9 @@ def main(argv=None):
         if peer is not None:
             res["peer_info"] = peer.call("info")
             log("peer:", json.dumps(res["peer_info"]))
-        if args.profile_only:
+        if args.accel:
+            section_accel(args, res)
+        elif args.profile_only:
             res["peak"] = measure_peak(None)
             res["peak_best"] = res["peak"]["peak"]
             profile_herd(args, res, peer)

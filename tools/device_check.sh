@@ -8,7 +8,8 @@
 #   3. runs tools/bench_lm.py's accel section (bf16 MFU of Llama-3-8B-shaped layers) for
 #      each GPU attention backend,
 #   4. tools/bench_lm.py's accel_decode section (Llama-3-8B-shaped decode, bf16, batch 1/64),
-#   5. times herd's Lloyd and k-means++ at the CPU benchmark's shape on the GPU.
+#   5. tools/bench_vision.py --accel (ViT-B/16, ViT-L/16 bf16 training MFU, batch 256),
+#   6. times herd's Lloyd and k-means++ at the CPU benchmark's shape on the GPU.
 # Results go to $OUT (logs and JSON). Each step has its own time limit so that one slow
 # step cannot eat the others' device time.
 set -u
@@ -52,6 +53,11 @@ echo "accel remat none rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 timeout 240 python tools/bench_lm.py --sections accel_decode --decode-rounds 3 \
   --json "$OUT/accel_decode.json" >"$OUT/accel_decode.txt" 2>&1
 echo "accel decode rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
+
+# Issue 13: ViT-B/16 and ViT-L/16 bf16 training MFU at batch 256 (DeiT III step, LAMB).
+timeout 240 python tools/bench_vision.py --accel --json "$OUT/vision_accel.json" \
+  >"$OUT/vision_accel.txt" 2>&1
+echo "vision accel rc=$? at $(elapsed)s" | tee -a "$OUT/progress.txt"
 
 timeout 100 python - >"$OUT/kmeans_gpu.txt" 2>&1 <<'EOF'
 import json, time
