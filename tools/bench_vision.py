@@ -375,11 +375,11 @@ def commit() -> str:
         return "?"
 
 
-def jnp_peak(n: int = 1024, reps: int = 15) -> dict:
+def jnp_peak(n: int = 1024, reps: int = 15, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     ts = []
@@ -494,26 +494,12 @@ class HerdStep:
 
 
 def xla_flops_per_image(model_config) -> float:
-    """3 x XLA's cost analysis of one image's forward, with the blocks unrolled: XLA counts
-    a while loop's body once, so the scanned model (what trains) would count one block of
-    `depth` (herd.vision.train.flops_per_image does that: its figure is printed too)."""
-    import jax
-    import jax.numpy as jnp
+    """3 x XLA's cost analysis of one image's forward with every block unrolled: the
+    check printed beside the trainer's flops_per_image (which extrapolates from 1- and
+    2-block models)."""
+    from herd.vision.train import forward_flops
 
-    from herd.vision import models
-
-    config = model_config.replace(scan_blocks=False)
-    model = models.make_model(config)
-    variables = models.abstract_variables(config)
-    import flax.linen as nn
-
-    variables = nn.meta.unbox(variables)
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
-    cost = cost.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return 3.0 * float((cost or {}).get("flops", 0.0))
+    return 3.0 * forward_flops(model_config.replace(scan_blocks=False))
 
 
 def vit_overrides(args) -> dict:
@@ -536,21 +522,12 @@ def section_accel(args, res):
     FLOPs are the trainer's own count (``flops_per_image``: every block, training = 3 x
     forward); the peak is a bf16 8192^3 matmul measured in the same run."""
     import jax
-    import jax.numpy as jnp
 
     from configs.vision.common import DEIT3_DROP_PATH
 
     dev = jax.devices()[0]
     n = args.accel_peak_n
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    peak = 2 * n**3 / min(ts)
+    peak = jnp_peak(n, reps=10, dtype="bfloat16")["best"]
     out = res["accel"] = {"device": dev.device_kind, "bf16_peak": peak, "runs": []}
     log(f"accel: {dev.device_kind}, bf16 {n}^3 matmul peak {peak / 1e12:.1f} TFLOP/s")
     for name in args.accel_models.split(","):
@@ -841,7 +818,7 @@ def summarize(res):
         log(
             f"ViT-S/16 training FLOPs per image: {fl / 1e9:.2f} G analytic, "
             f"{v['xla_flops_per_image'] / 1e9:.2f} G XLA cost analysis (x3 forward, unrolled; "
-            f"the trainer's scanned count: {v['trainer_flops_per_image'] / 1e9:.2f} G); "
+            f"the trainer's count: {v['trainer_flops_per_image'] / 1e9:.2f} G); "
             f"peak {peak / 1e9:.0f} GFLOP/s"
         )
         for k, s in v.items():

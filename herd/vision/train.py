@@ -70,6 +70,7 @@ __all__ = [
     "make_loss_fn",
     "make_eval_loss_fn",
     "flops_per_image",
+    "forward_flops",
     "run",
     "main",
 ]
@@ -251,15 +252,16 @@ def flops_per_image(model_config) -> float:
     blocks and either stem included) and PatchConvNet alike, scanned or not, at the cost of
     two one-block lowerings whatever the depth. With cosub the caller counts both copies.
     """
-    counts = [_forward_flops(model_config.replace(depth=d, scan_blocks=False)) for d in (1, 2)]
+    counts = [forward_flops(model_config.replace(depth=d, scan_blocks=False)) for d in (1, 2)]
     if not all(counts):
         return 0.0
     one, two = counts
     return 3.0 * (one + (model_config.depth - 1) * (two - one))
 
 
-def _forward_flops(model_config) -> float:
-    """XLA's cost-analysis FLOPs of the model's forward on one image (0 if unavailable)."""
+def forward_flops(model_config) -> float:
+    """XLA's cost-analysis FLOPs of the model's forward on one image (0 if unavailable).
+    A scanned trunk counts one block: XLA counts a while loop's body once."""
     model = models.make_model(model_config)
     variables = nn.meta.unbox(models.abstract_variables(model_config))
     size = model_config.image_size

@@ -326,19 +326,6 @@ def test_default_reaches_95_percent_on_the_digits(tmp_path):
 # ------------------------------------------------------------------- FLOPs per image
 
 
-def _unrolled_forward_flops(config):
-    """XLA's cost analysis of the fully unrolled forward on one image (abstract shapes)."""
-    import flax.linen as nn
-
-    config = config.replace(scan_blocks=False)
-    model = models.make_model(config)
-    variables = nn.meta.unbox(models.abstract_variables(config))
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
-    cost = lowered.cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
 @pytest.mark.parametrize(
     "name,overrides",
     [
@@ -353,7 +340,7 @@ def test_flops_per_image_counts_every_scanned_block(name, overrides):
     config = models.model_config(name, num_classes=10, **overrides)
     scanned = vision_train.flops_per_image(config.replace(scan_blocks=True))
     unrolled = vision_train.flops_per_image(config.replace(scan_blocks=False))
-    want = 3.0 * _unrolled_forward_flops(config)
+    want = 3.0 * vision_train.forward_flops(config.replace(scan_blocks=False))
     assert want > 0
     np.testing.assert_allclose(scanned, want, rtol=0.01)
     np.testing.assert_allclose(unrolled, want, rtol=0.01)
